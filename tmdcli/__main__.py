@@ -1,0 +1,3 @@
+from tmdcli.cli import main
+
+main()
