@@ -13,6 +13,12 @@ from tmdcli.cli import app
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Default outputs (./tmd-samples) land in a temporary folder, never in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def tmd(*args, home=None):
     argv = [*args] + (["--home", str(home)] if home is not None else [])
     return runner.invoke(app, argv)
