@@ -101,6 +101,18 @@ def main(argv=None):
                "video": [frames, height, width], "latent": list(shape), "num_blocks": num_blocks,
                "tokens": shape[1] * (shape[2] // 2) * (shape[3] // 2), "models": []}
 
+    # The split must reproduce the teacher's forward exactly at init, also at full size in bf16.
+    with torch.no_grad():
+        t_check = torch.full((1,), 0.7, device=device)
+        reference = wan.velocity(transformer, noise.to(dtype), t_check, text)
+        probe = TMDStudent.from_teacher(transformer, StudentConfig(num_head_blocks=min(5, num_blocks - 1))).to(device)
+        feats = probe.backbone(noise, t_check.double(), text)
+        split = probe.head(torch.randn_like(noise), t_check.double(), torch.zeros_like(t_check), feats)
+        results["split_max_abs_diff"] = float((split.float() - reference.float()).abs().max())
+        del probe, feats, split, reference
+    if device.type == "cuda":
+        results["sdpa_flash_enabled"] = torch.backends.cuda.flash_sdp_enabled()
+
     def velocity(x, t):
         return wan.guided_velocity(transformer, x.to(dtype), t, text, text_neg, args.cfg)
 

@@ -134,3 +134,29 @@ def test_console_script_help_is_fast_and_needs_no_torch():
     code = "import sys; from tmdcli import cli; assert 'torch' not in sys.modules; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def make_student_artifact(home, n=2, h=1):
+    """A student artifact as the training stages write it: export/ holds the student folder."""
+    from tmdcli.artifacts.store import Store
+    from tmdcli.models.student import StudentConfig, TMDStudent
+    from tmdcli.models.tiny import build_tiny_components
+
+    student = TMDStudent.from_teacher(build_tiny_components()["transformer"],
+                                      StudentConfig(num_outer_steps=2, num_inner_steps=n, num_head_blocks=h,
+                                                    teacher="tiny-random"))
+    staging = Store(home).begin(kind="student", stage="pretrain-head", stage_version=1, config={"n": n, "h": h},
+                                identity_config={"n": n, "h": h})
+    student.save(staging.path / "export")
+    return staging.commit(facts={"teacher": "tiny-random", "effective_nfe": student.effective_nfe})
+
+
+def test_sample_without_model_uses_the_newest_student(tmp_path, home):
+    artifact = make_student_artifact(home)
+    out = tmp_path / "st.mp4"
+    result = tmd("sample", "a cat surfing", "--out", str(out), home=home)
+    assert result.exit_code == 0, result.output
+    assert artifact.id in result.stderr and "effective NFE 2.5" in result.stderr and out.is_file()
+    # --n overrides the inner steps at inference; --h cannot change
+    assert "effective NFE 2 " in tmd("sample", "a cat", "--n", "1", "--out", str(out), home=home).stderr
+    assert tmd("sample", "a cat", "--h", "2", "--out", str(out), home=home).exit_code == 2

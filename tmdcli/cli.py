@@ -34,6 +34,22 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output o
 DEFAULT_HOME = Path("tmd-home")
 
 
+def complete_ref(incomplete: str) -> list[str]:
+    """Shell completion for artifact references: ids and names in $TMD_HOME (or ./tmd-home), plus `latest`."""
+    from tmdcli.artifacts.store import Store
+
+    try:
+        artifacts = Store(os.environ.get("TMD_HOME", DEFAULT_HOME)).list()
+    except Exception:  # completion must never crash the shell
+        return []
+    refs = ["latest"] + [a.id for a in artifacts] + [a.name for a in artifacts if a.name != a.id]
+    return [r for r in refs if r.startswith(incomplete)]
+
+
+RefArg = Annotated[str, typer.Argument(help="Artifact id, name, latest, KIND:latest, or path.",
+                                       autocompletion=complete_ref)]
+
+
 def _stderr():
     from rich.console import Console
 
@@ -99,7 +115,8 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version_c
 def sample(
     prompt: Annotated[Optional[str], typer.Argument(help="The text prompt.", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option(help="Student reference (id, name, latest, path) or a teacher "
-                                                      "name/folder; default: the newest student.")] = None,
+                                                      "name/folder; default: the newest student.",
+                                                 autocompletion=complete_ref)] = None,
     out: Annotated[Optional[Path], typer.Option(help="mp4 file (one prompt) or folder (several).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="Text file, one prompt per line (batched).")] = None,
     seed: SeedOpt = 0,
@@ -183,7 +200,7 @@ def list_artifacts(
 @app.command(epilog="Examples:\n\n  tmd show latest\n\n  tmd show student:latest --json")
 @guarded
 def show(
-    ref: Annotated[str, typer.Argument(help="Artifact id, name, latest, KIND:latest, or path.")],
+    ref: RefArg,
     home: HomeOpt = DEFAULT_HOME,
     json_out: JsonOpt = False,
 ):
@@ -217,7 +234,7 @@ def show(
 @app.command(epilog="Example:\n\n  tmd verify latents:latest")
 @guarded
 def verify(
-    ref: Annotated[str, typer.Argument(help="Artifact id, name, latest, KIND:latest, or path.")],
+    ref: RefArg,
     home: HomeOpt = DEFAULT_HOME,
 ):
     """Recompute every file's sha256 and size against the manifest; exit 1 naming each bad file."""

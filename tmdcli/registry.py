@@ -187,6 +187,7 @@ def load_teacher(name_or_path: str, *, device: str = "auto", dtype: str = "auto"
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     folder = locate_folder(entry)
+    _quiet_loading()
     transformer = None
     if "transformer" in parts:
         transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", dtype=dt,
@@ -209,6 +210,15 @@ def load_teacher(name_or_path: str, *, device: str = "auto", dtype: str = "auto"
                                                                          local_files_only=True)
         teacher._transformer_config = _AttrDict(teacher._transformer_config)
     return teacher
+
+
+def _quiet_loading() -> None:
+    """No per-weight progress bars from diffusers/transformers: our stderr is for our own progress."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _to(module, device, dtype):

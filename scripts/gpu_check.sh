@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call (an H100/H200 with no network): the full-size sampling benchmark, then the toy bundle training.
+# Expects diffusers (and importlib_metadata) wheels in .whl/ (see the device README); writes everything under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/tmd-gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed" >&2; exit 3; }
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+} > "$OUT/gpu.txt" 2>&1
+start=$(date +%s)
+timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/sample_speed.py --config wan1.3b --device cuda \
+  --teacher-measure-steps 3 --repeats 2 --out "$OUT/sample_speed_gpu.json" > "$OUT/bench.log" 2>&1
+echo "bench rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
+start=$(date +%s)
+timeout "${TRAIN_TIMEOUT:-430}" python3 -m tmdcli.toy.train --out /tmp/toyrun --device cuda \
+  --time-budget-s "${TRAIN_BUDGET:-300}" --eval-prompts 64 > "$OUT/train.log" 2>&1
+echo "train rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
+tar czf "$OUT/toy_run.tgz" -C /tmp/toyrun bundle summary.json 2>>"$OUT/gpu.txt"
+cat "$OUT/gpu.txt"
+tail -5 "$OUT/bench.log" "$OUT/train.log"
