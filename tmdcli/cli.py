@@ -105,6 +105,12 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version_c
     """
 
 
+# --- make-prompts (data stage 1) --------------------------------------------------------------------------------
+# (command defined here)
+
+# --- synth-videos and encode-latents (data stages 2 and 3) --------------------------------------------------------
+# (commands defined here)
+
 # --- sample ---------------------------------------------------------------------------------------------------
 
 @app.command(epilog="Examples:\n\n  tmd sample \"a cat surfing\"\n\n"
