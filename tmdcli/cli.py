@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -106,10 +105,143 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version_c
 
 
 # --- make-prompts (data stage 1) --------------------------------------------------------------------------------
-# (command defined here)
+@app.command("make-prompts", epilog="Examples:\n\n  tmd make-prompts --source vidprom.csv --limit 500000\n\n"
+                                    "  tmd make-prompts --source toy:512\n\n"
+                                    "  tmd make-prompts --source prompts.txt --expander none --name my-prompts")
+@guarded
+def make_prompts(
+    source: Annotated[str, typer.Option(help="VidProM CSV/Parquet, Parquet/JSONL with a 'prompt' column, text file "
+                                             "(one prompt a line), or toy[:COUNT] / toy-heldout[:COUNT] / "
+                                             "toy-all[:COUNT] (toy grammar captions, default 1024).",
+                                        show_default=False)],
+    expander: Annotated[str, typer.Option(help="auto (toy for toy sources, else qwen2.5-7b), none, toy, imported, "
+                                               "qwen2.5-3b/7b/14b, a HF repo id in the local cache, or a model "
+                                               "folder.")] = "auto",
+    backend: Annotated[str, typer.Option(help="Language-model backend: transformers or vllm (optional extra).")]
+    = "transformers",
+    limit: Annotated[Optional[int], typer.Option(help="Keep at most N prompts after filtering (seeded subset, "
+                                                      "source order).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate() call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Expander output budget per prompt, in tokens.")] = 512,
+    min_words: Annotated[int, typer.Option(help="Drop source prompts with fewer words.")] = 3,
+    max_words: Annotated[int, typer.Option(help="Drop source prompts with more words (0: no limit).")] = 120,
+    nsfw_threshold: Annotated[float, typer.Option(help="Drop rows whose largest NSFW score exceeds this (1: keep "
+                                                       "all).")] = 0.1,
+    vbench_prompts: Annotated[Optional[Path], typer.Option(help="VBench prompt list to drop (default: the "
+                                                                "installed vbench package's, when present).")]
+    = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other config field, KEY=VALUE "
+                                                                     "(e.g. chunk_size=64, do_sample=false).")]
+    = None,
+    seed: SeedOpt = 0,
+    name: Annotated[Optional[str], typer.Option(help="Name of the output artifact.")] = None,
+    home: HomeOpt = DEFAULT_HOME,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    dry_run: DryRunOpt = False,
+):
+    """Filter a prompt source and expand it with a local instruct model into a `prompts` artifact.
+
+    Writes prompts.parquet (id, source_prompt, prompt, expander, seed, spec, ...) with the filter counts in the
+    manifest; resumable chunk by chunk. Prints the artifact path on stdout.
+    """
+    from tmdcli.stages import make_prompts as stage
+    from tmdcli.stages.common import execute
+
+    cfg = stage.MakePromptsConfig(source=source, expander=expander, backend=backend, limit=limit,
+                                  batch_size=batch_size, max_new_tokens=max_new_tokens, min_words=min_words,
+                                  max_words=max_words, nsfw_threshold=nsfw_threshold, vbench_prompts=vbench_prompts,
+                                  seed=seed, name=name, dtype=dtype)
+    execute(stage, stage.with_overrides(cfg, set_ or ()), home=home, dry_run=dry_run, device=device)
+
 
 # --- synth-videos and encode-latents (data stages 2 and 3) --------------------------------------------------------
-# (commands defined here)
+DataShardOpt = Annotated[Optional[str], typer.Option("--shard", help="i/n: this independent job takes every n-th shard "
+                                                                 "starting at i (combines with accelerate ranks).")]
+DataNameOpt = Annotated[Optional[str], typer.Option("--name", help="Output artifact name (default: its id).")]
+_SIZE = "Video size (default: the teacher's)"
+
+
+@app.command("synth-videos", epilog="Examples:\n\n  tmd synth-videos --teacher wan2.1-14b\n\n"
+                                    "  tmd synth-videos --teacher tiny-random --limit 8 --frames 5 --height 32 "
+                                    "--width 32\n\n"
+                                    "  accelerate launch -m tmdcli synth-videos --teacher wan2.1-14b --save-latents")
+@guarded
+def synth_videos(
+    teacher: Annotated[str, typer.Option(help="Teacher name (wan2.1-1.3b, wan2.1-14b, toy, tiny-random) or folder.")],
+    prompts: Annotated[str, typer.Option(help="Prompts artifact reference.", autocompletion=complete_ref)]
+    = "latest",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts (by id).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (default: the teacher's, 50).")] = None,
+    cfg: Annotated[Optional[float], typer.Option(help="CFG scale (default: the teacher's, 5).")] = None,
+    shift: Annotated[Optional[float], typer.Option(help="Flow shift (default: the teacher's, 5).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help=f"Frames, 4k+1. {_SIZE}.", rich_help_panel="Size")] = None,
+    height: Annotated[Optional[int], typer.Option(help=f"Height, multiple of 16. {_SIZE}.", rich_help_panel="Size")]
+    = None,
+    width: Annotated[Optional[int], typer.Option(help=f"Width, multiple of 16. {_SIZE}.", rich_help_panel="Size")]
+    = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per sampler batch.")] = 4,
+    shard_size: Annotated[int, typer.Option(help="Clips per shard file.")] = 64,
+    save_latents: Annotated[bool, typer.Option("--save-latents", help="Also store each clean latent "
+                                                                      "(encode-latents reuses it).")] = False,
+    save_noise: Annotated[bool, typer.Option("--save-noise", help="Also store each initial noise (KD pairs).")]
+    = False,
+    seed: Annotated[Optional[int], typer.Option(help="Base seed: seed_i = sha256(seed, id). Default: the prompts' "
+                                                     "seed column.")] = None,
+    shard: DataShardOpt = None,
+    name: DataNameOpt = None,
+    home: HomeOpt = DEFAULT_HOME,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    dry_run: DryRunOpt = False,
+):
+    """Generate the teacher's videos for a prompts artifact (data stage 2) -> a videos artifact.
+
+    Sharded tar files (mp4 + prompt + seed, optionally latents and noise), one seed per prompt id; resumes where it
+    stopped; ranks of `accelerate launch` and `--shard i/n` jobs fill one artifact together.
+    """
+    from tmdcli.stages import synth_videos as stage
+    from tmdcli.stages.common import execute
+
+    config = stage.SynthVideosConfig(teacher=teacher, prompts=prompts, limit=limit, num_steps=steps,
+                                     guidance_scale=cfg, flow_shift=shift, num_frames=frames, height=height,
+                                     width=width, seed=seed, shard_size=shard_size, save_latents=save_latents,
+                                     save_noise=save_noise, dtype=dtype, batch_size=batch_size, name=name)
+    execute(stage, config, home=home, dry_run=dry_run, shard=shard, device=device)
+
+
+@app.command("encode-latents", epilog="Examples:\n\n  tmd encode-latents --teacher wan2.1-1.3b\n\n"
+                                      "  tmd encode-latents --teacher tiny-random --videos latest --batch-size 4")
+@guarded
+def encode_latents(
+    teacher: Annotated[str, typer.Option(help="Teacher whose VAE and text encoder to use (name or folder).")],
+    videos: Annotated[str, typer.Option(help="Videos artifact reference.", autocompletion=complete_ref)]
+    = "latest",
+    batch_size: Annotated[int, typer.Option(help="Clips (and prompts) per encoder batch.")] = 8,
+    reuse_latents: Annotated[bool, typer.Option("--reuse-latents/--reencode",
+                                                help="Reuse latents synth-videos saved (when the same VAE made "
+                                                     "them) or always re-encode the mp4s.")] = True,
+    storage_dtype: Annotated[str, typer.Option(help="auto (bfloat16 for latents of >= 2^20 elements, else "
+                                                    "float32), float32 or bfloat16.")] = "auto",
+    shard: DataShardOpt = None,
+    name: DataNameOpt = None,
+    home: HomeOpt = DEFAULT_HOME,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    dry_run: DryRunOpt = False,
+):
+    """Encode a videos artifact into normalised Wan VAE latents and umT5 text embeddings -> a latents artifact.
+
+    One latents shard per videos shard, plus the negative prompt's embedding once; unreadable videos are skipped and
+    counted; resumable and shardable like synth-videos.
+    """
+    from tmdcli.stages import encode_latents as stage
+    from tmdcli.stages.common import execute
+
+    config = stage.EncodeLatentsConfig(teacher=teacher, videos=videos, reuse_latents=reuse_latents,
+                                       storage_dtype=storage_dtype, dtype=dtype, batch_size=batch_size, name=name)
+    execute(stage, config, home=home, dry_run=dry_run, shard=shard, device=device)
+
 
 # --- sample ---------------------------------------------------------------------------------------------------
 
