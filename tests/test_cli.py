@@ -160,3 +160,14 @@ def test_sample_without_model_uses_the_newest_student(tmp_path, home):
     # --n overrides the inner steps at inference; --h cannot change
     assert "effective NFE 2 " in tmd("sample", "a cat", "--n", "1", "--out", str(out), home=home).stderr
     assert tmd("sample", "a cat", "--h", "2", "--out", str(out), home=home).exit_code == 2
+
+
+def test_dry_runs_import_no_torch(tmp_path):
+    """STYLE.md 3.6: plans are cheap; --dry-run never imports torch."""
+    code = ("import sys; from typer.testing import CliRunner; from tmdcli.cli import app; "
+            "r = CliRunner().invoke(app, sys.argv[1:]); print(r.exit_code, 'torch' in sys.modules)")
+    for args in (["sample", "a cat", "--model", "tiny-random", "--dry-run"],
+                 ["make-prompts", "--source", "toy:8", "--dry-run"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args, "--home", str(tmp_path / "h")], capture_output=True,
+                              text=True, cwd=tmp_path)
+        assert proc.stdout.split() == ["0", "False"], (args, proc.stdout, proc.stderr[-500:])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tmdcli.errors import TeacherNotFoundError, UsageError
-from tmdcli.models.teacher import SamplingDefaults
+from tmdcli.models.defaults import SamplingDefaults
 
 WAN_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 TEACHER_DEFAULTS_FILE = "tmd_teacher.json"

@@ -3,40 +3,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 
 from tmdcli.models import wan
-
-# The English Wan negative prompt (TMD Table 8; METHOD.md section 8).
-WAN_NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
-    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
-    "background, three legs, many people in the background, walking backwards"
-)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingDefaults:
-    """A teacher's default video size and its own sampler's settings."""
-
-    num_frames: int = 81
-    height: int = 480
-    width: int = 832
-    num_steps: int = 50
-    guidance_scale: float = 5.0
-    flow_shift: float = 5.0  # Wan2.1's T2V sampler; the diffusers checkpoints' scheduler config says 3.0
-    sampler: str = "unipc"
-    fps: int = 16
-    max_sequence_length: int = 512
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
+from tmdcli.models.defaults import WAN_NEGATIVE_PROMPT, SamplingDefaults  # noqa: F401 (re-export)
 
 class Teacher:
     """Frozen teacher components on one device. `transformer` may be None when only text/VAE are needed."""
