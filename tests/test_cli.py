@@ -24,7 +24,8 @@ def tmd(*args, home=None):
     return runner.invoke(app, argv)
 
 
-@pytest.mark.parametrize("command", ["sample", "ls", "show", "verify"])
+@pytest.mark.parametrize("command", ["sample", "ls", "show", "verify", "make-prompts", "synth-videos",
+                                     "encode-latents"])
 def test_every_command_has_help_with_an_example(command):
     result = tmd(command, "--help")
     assert result.exit_code == 0
