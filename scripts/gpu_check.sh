@@ -12,11 +12,11 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONU
 } > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/sample_speed.py --config wan1.3b --device cuda \
-  --teacher-measure-steps 3 --repeats 2 --out "$OUT/sample_speed_gpu.json" > "$OUT/bench.log" 2>&1
+  --teacher-measure-steps 3 --repeats 2 --students "2,2,5;2,4,5;1,2,5;1,4,5" --out "$OUT/sample_speed_gpu.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
 start=$(date +%s)
 timeout "${TRAIN_TIMEOUT:-430}" python3 -m tmdcli.toy.train --out /tmp/toyrun --device cuda \
-  --time-budget-s "${TRAIN_BUDGET:-300}" --eval-prompts 64 > "$OUT/train.log" 2>&1
+  --time-budget-s "${TRAIN_BUDGET:-300}" --vae-share "${VAE_SHARE:-0.3}" --eval-prompts 64 > "$OUT/train.log" 2>&1
 echo "train rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
 tar czf "$OUT/toy_run.tgz" -C /tmp/toyrun bundle summary.json 2>>"$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
