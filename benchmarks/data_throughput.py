@@ -25,23 +25,7 @@ from pathlib import Path
 
 import torch
 
-WAN13B_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                     out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
-
+from _common import WAN13B_CONFIG, sync, timed  # noqa: E402,F401 (benchmarks/ is on sys.path when run as a script)
 
 def build(config: str, device, dtype):
     """(transformer, vae, text_fn or None, text shape, video size, fps)."""

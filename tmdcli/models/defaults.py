@@ -30,3 +30,14 @@ class SamplingDefaults:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Published transformer configs (WAN.md 1.2): full-size shapes for benchmarks and memory plans, no weights needed.
+WAN21_TRANSFORMER_CONFIGS = {
+    "wan2.1-1.3b": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    "wan2.1-14b": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                       out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                       cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+}
