@@ -472,3 +472,38 @@ def test_import_prompts_and_inspect_artifact(tmp_path, home, capsys):
     assert inspect.main([str(shards / "00000.safetensors")]) == 0
     assert "safetensors: 2 tensors" in capsys.readouterr().out
     assert inspect.main(["prompts:nope", "--home", str(home)]) == 2
+
+
+def test_vllm_backend_plumbing_against_a_stand_in_module(monkeypatch, tmp_path):
+    """vllm cannot be installed on these machines (CUDA-only wheels; absent on the GPU image too). This checks our
+    side of its documented offline API (LLM(...).chat(messages, sampling_params=[...]) with per-request seeds)
+    against a stand-in module; it is not a test of vllm itself."""
+    import sys
+    import types
+
+    from tmdcli.data import expanders
+
+    calls = {}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["init"] = kwargs
+
+        def chat(self, conversations, sampling_params, use_tqdm):
+            calls["chat"] = (conversations, sampling_params)
+            text = " ".join(["a cinematic shot of a cat riding a wave at golden hour"] * 4)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text)]) for _ in conversations]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    expander = expanders.VllmExpander(tmp_path, expanders.GenerationSettings(), dtype="bfloat16", seed=3)
+    results = expander.expand(["a cat surfing", "a dog"], [11, 12])
+    assert calls["init"]["trust_remote_code"] is False and calls["init"]["dtype"] == "bfloat16"
+    conversations, params = calls["chat"]
+    assert [c[0]["role"] for c in conversations] == ["system", "system"]
+    assert [c[1]["content"] for c in conversations] == ["a cat surfing", "a dog"]
+    assert [p.kwargs["seed"] for p in params] == [expanders.derived_seed(11, 0), expanders.derived_seed(12, 0)]
+    assert [r.status for r in results] == ["expanded", "expanded"]

@@ -7,6 +7,8 @@ Interface: `expander.expand(prompts, seeds) -> list[Expansion]`, one per prompt,
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import importlib.util
 import json
@@ -287,15 +289,16 @@ class ToyExpander:
         return out
 
 
-class _LMExpander:
+class _LMExpander(abc.ABC):
     """Validation, retries with derived seeds (sampling only) and fallback around a backend's `_generate`."""
 
     settings: GenerationSettings
     num_generate_calls: int = 0
     compute: dict | None = None  # where and how the model runs, for the manifest
 
+    @abc.abstractmethod
     def _generate(self, prompts: list[str], seeds: list[int]) -> list[str]:
-        raise NotImplementedError
+        """One raw completion per prompt, prompt i generated with seeds[i]."""
 
     def expand(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Expansion]:
         results: list[Expansion | None] = [None] * len(prompts)
