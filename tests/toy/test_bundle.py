@@ -14,6 +14,15 @@ import torch
 from tmdcli.toy import bundle, grammar, train
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny models are dominated by small ops, which extra threads only slow down on a shared 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return bundle.build_tokenizer()
@@ -169,7 +178,7 @@ def test_train_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--out", str(out), "--device", "cpu", "--vae-steps", "2", "--vae-batch", "2", "--teacher-steps", "3",
             "--batch", "4", "--pool-size", "8", "--caption-variants", "0", "--stats-clips", "8", "--eval-prompts", "2",
-            "--eval-steps", "3", "--log-every", "1"]
+            "--eval-steps", "3", "--log-every", "1", "--threads", "1"]
     assert train.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["teacher_steps"] == 3 and summary["vae_steps"] == 2

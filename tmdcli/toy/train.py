@@ -793,6 +793,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--flow-shift", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 can be much faster on a busy 2-core box)")
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--ckpt-every-s", type=float, default=None)
     return p.parse_args(argv)
@@ -803,20 +805,24 @@ def main(argv: list[str] | None = None) -> int:
 
     _STOP_REQUESTED.clear()
     previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
     try:
-        return _run(argv)
+        return _run(parse_args(argv))
     except KeyboardInterrupt:
         log("[train] interrupted; the last checkpoint is kept, rerun the same command to continue")
         return 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        torch.set_num_threads(threads)
 
 
-def _run(argv: list[str] | None) -> int:
+def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    cfg, device = resolve_config(parse_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, device = resolve_config(args)
     out, ckpt = Path(cfg.out), Path(cfg.ckpt_dir)
     bundle_dir = out / "bundle"
     if (bundle_dir / "metrics.json").is_file():
@@ -905,12 +911,18 @@ def _run(argv: list[str] | None) -> int:
     bundle.save_bundle(comps, bundle_dir, teacher_defaults=bundle.teacher_defaults(guidance_scale=guidance,
                                                                                    flow_shift=shift),
                        metrics=metrics)
+    def pick(name: str) -> dict[str, Any]:
+        m = metrics.get(name, {})
+        return dict(seen=m.get("seen", {}).get("adherence", {}).get("all"),
+                    heldout=m.get("heldout", {}).get("adherence", {}).get("all"),
+                    frechet_seen=m.get("seen", {}).get("frechet"), frechet_heldout=m.get("heldout", {}).get("frechet"),
+                    seed_diversity=m.get("seed_diversity"))
+
     summary = dict(bundle=str(bundle_dir), device=metrics["device"], vae_steps=vae_summary.get("steps"),
                    teacher_steps=teacher_summary.get("steps"), guidance_scale=guidance, flow_shift=shift,
                    vae_psnr=metrics.get("vae", {}).get("psnr"),
                    vae_adherence=metrics.get("vae", {}).get("adherence", {}).get("all"),
-                   seen=metrics.get("teacher", {}).get("seen", {}).get("adherence", {}).get("all"),
-                   heldout=metrics.get("teacher", {}).get("heldout", {}).get("adherence", {}).get("all"),
+                   teacher=pick("teacher"), teacher_few_step=pick("teacher_few_step"),
                    acceptance=metrics["acceptance"], timings={k: round(v, 1) for k, v in timings.items()})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
