@@ -243,6 +243,93 @@ def encode_latents(
     execute(stage, config, home=home, dry_run=dry_run, shard=shard, device=device)
 
 
+# --- training stages (shared options) ---------------------------------------------------------------------------
+
+TeacherTrainOpt = Annotated[str, typer.Option("--teacher", help="Teacher (name or folder); default: the one that "
+                                                                "made the latents.")]
+LatentsOpt = Annotated[str, typer.Option("--latents", help="Latents artifact reference.", autocompletion=complete_ref)]
+# The long aliases are for launchers (torchrun, accelerate launch) whose own parsers take `--n` for an abbreviation.
+MOpt = Annotated[int, typer.Option("--m", "--outer-steps", help="Outer (backbone) steps M.")]
+NOpt = Annotated[int, typer.Option("--n", "--inner-steps", help="Inner (flow-head) steps N.")]
+HOpt = Annotated[int, typer.Option("--h", "--head-blocks", help="Flow-head blocks H (the last H of L teacher "
+                                                                "blocks).")]
+ItersOpt = Annotated[int, typer.Option("--iters", help="Training iterations (optimizer steps).")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default per teacher, TMD Table 7).")]
+BatchOpt = Annotated[int, typer.Option("--batch", help="Global batch (all GPUs, with gradient accumulation).")]
+MicroBatchOpt = Annotated[int, typer.Option("--micro-batch", help="Samples per GPU per forward pass.")]
+SaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Checkpoint every this many iterations.")]
+LogEveryOpt = Annotated[int, typer.Option("--log-every", help="metrics.jsonl record every this many iterations.")]
+SampleEveryOpt = Annotated[int, typer.Option("--sample-every", help="Validation mp4s every this many iterations "
+                                                                    "(0: at the end only).")]
+SamplePromptsOpt = Annotated[int, typer.Option("--num-sample-prompts", help="Validation prompts (the first items "
+                                                                            "of the latents artifact).")]
+StopAfterOpt = Annotated[Optional[int], typer.Option("--stop-after", help="Stop (checkpointed) after this "
+                                                                          "iteration; rerun to continue.")]
+CheckpointingOpt = Annotated[bool, typer.Option("--checkpointing/--no-checkpointing",
+                                                help="Activation checkpointing per transformer block.")]
+LogToOpt = Annotated[str, typer.Option("--log-to", help="Also log to tensorboard or wandb (when installed).")]
+GradClipOpt = Annotated[float, typer.Option("--grad-clip", help="Gradient norm clip of the student.")]
+TrainNameOpt = Annotated[Optional[str], typer.Option("--name", help="Name of the student artifact.")]
+
+
+@app.command("pretrain-head", epilog="Examples:\n\n  tmd pretrain-head --n 2 --h 5\n\n"
+                                     "  tmd pretrain-head --teacher tiny-random --n 2 --h 1 --iters 5 --save-every 2\n\n"
+                                     "  accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m tmdcli "
+                                     "pretrain-head --n 2 --h 5 --checkpointing\n\n"
+                                     "  tmd pretrain-head --n 4 --h 5 --dry-run")
+@guarded
+def pretrain_head(
+    n: NOpt,
+    h: HOpt,
+    m: MOpt = 2,
+    teacher: TeacherTrainOpt = "",
+    latents: LatentsOpt = "latest",
+    iters: ItersOpt = 3000,
+    lr: LrOpt = None,
+    batch: BatchOpt = 64,
+    micro_batch: MicroBatchOpt = 1,
+    objective: Annotated[str, typer.Option(help="tmmf (TM-MeanFlow) or tm (plain transition matching, r = s; "
+                                                "Table 6 ablation).")] = "tmmf",
+    fusion: Annotated[str, typer.Option(help="gated (default) or concat (App. B.3 ablation).")] = "gated",
+    cfg_scale: Annotated[float, typer.Option(help="CFG scale of the target velocity.")] = 3.0,
+    cond_dropout: Annotated[float, typer.Option(help="Condition dropout to the negative prompt.")] = 0.1,
+    fd_delta: Annotated[float, typer.Option(help="Finite-difference step of du/ds.")] = 5e-3,
+    r_equals_s: Annotated[float, typer.Option("--r-equals-s", help="Share of samples with r = s.")] = 0.75,
+    norm_c: Annotated[Optional[float], typer.Option(help="Adaptive-loss constant c in units of d (default per "
+                                                         "teacher: 1 for 1.3B, 1e-5 for 14B).")] = None,
+    outer_gamma: Annotated[float, typer.Option(help="Shift of the outer grid.")] = 10.0,
+    grad_clip: GradClipOpt = 10.0,
+    save_every: SaveEveryOpt = 500,
+    log_every: LogEveryOpt = 10,
+    sample_every: SampleEveryOpt = 500,
+    num_sample_prompts: SamplePromptsOpt = 2,
+    stop_after: StopAfterOpt = None,
+    checkpointing: CheckpointingOpt = False,
+    log_to: LogToOpt = "none",
+    seed: SeedOpt = 0,
+    name: TrainNameOpt = None,
+    home: HomeOpt = DEFAULT_HOME,
+    device: DeviceOpt = "auto",
+    dry_run: DryRunOpt = False,
+):
+    """Stage 1: TM-MeanFlow pretraining of the flow head (and backbone) for one (M, N, H) -> a student artifact.
+
+    Resumable: rerunning the same command continues from the newest checkpoint. --dry-run prints parameter counts,
+    an estimate of peak memory per GPU (with and without checkpointing) and FLOPs per iteration.
+    """
+    from tmdcli.stages import pretrain_head as stage
+    from tmdcli.stages.common import execute
+
+    config = stage.PretrainHeadConfig(
+        teacher=teacher, latents=latents, num_outer_steps=m, num_inner_steps=n, num_head_blocks=h, iters=iters, lr=lr,
+        batch=batch, micro_batch=micro_batch, objective=objective, fusion=fusion, cfg_scale=cfg_scale,
+        cond_dropout=cond_dropout, fd_delta=fd_delta, r_equals_s_prob=r_equals_s, norm_c=norm_c,
+        outer_gamma=outer_gamma, grad_clip=grad_clip, save_every=save_every, log_every=log_every,
+        sample_every=sample_every, num_sample_prompts=num_sample_prompts, stop_after=stop_after,
+        checkpointing=checkpointing, log_to=log_to, seed=seed, name=name)
+    execute(stage, config, home=home, dry_run=dry_run, device=device)
+
+
 # --- sample ---------------------------------------------------------------------------------------------------
 
 @app.command(epilog="Examples:\n\n  tmd sample \"a cat surfing\"\n\n"
@@ -298,6 +385,79 @@ def sample(
     else:
         for path in result.paths:
             print(path)
+
+
+# --- eval -----------------------------------------------------------------------------------------------------
+_VB = "VBench suite"
+
+
+@app.command("eval", epilog="Examples:\n\n"
+                            "  tmd eval --model wan2.1-1.3b --model latest --prompts prompts.txt\n\n"
+                            "  tmd eval --suite quick --model tiny-random --model latest --prompts prompts.txt "
+                            "--teacher-steps 8\n\n"
+                            "  tmd eval --suite vbench --model wan2.1-1.3b --model student:latest "
+                            "--vbench-python ~/vbench-env/bin/python --augmented-prompts aug.tsv")
+@guarded
+def eval_(
+    model: Annotated[list[str], typer.Option("--model", help="Teacher name/folder or student reference; repeat for "
+                                                             "each model. The first is the reference (normally the "
+                                                             "teacher).", autocompletion=complete_ref,
+                                             show_default=False)],
+    suite: Annotated[str, typer.Option(help="quick (offline VBench-style metrics) or vbench (VBench in its own "
+                                            "Python).")] = "quick",
+    prompts: Annotated[Optional[str], typer.Option(help="quick: text file (one prompt a line) or prompts "
+                                                        "artifact.")] = None,
+    samples_per_prompt: Annotated[Optional[int], typer.Option(help="Seeds per prompt (default 4 quick, 5 "
+                                                                   "vbench).")] = None,
+    seed: SeedOpt = 0,
+    teacher_steps: Annotated[Optional[int], typer.Option(help="Steps of a teacher's own sampler (default its 50).")]
+    = None,
+    frames: Annotated[Optional[int], typer.Option(help="Frames (4k+1); default the first model's.",
+                                                  rich_help_panel="Size")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height; default the first model's.", rich_help_panel="Size")]
+    = None,
+    width: Annotated[Optional[int], typer.Option(help="Width; default the first model's.", rich_help_panel="Size")]
+    = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per sampler batch.")] = 4,
+    clip_model: Annotated[Optional[Path], typer.Option(help="quick: local CLIP for the CLIP score (open_clip "
+                                                            "checkpoint file or transformers CLIP folder).")] = None,
+    clip_arch: Annotated[str, typer.Option(help="open_clip architecture of --clip-model.")] = "ViT-B-32",
+    collapse_ratio: Annotated[float, typer.Option(help="Flag mode collapse below this seed-diversity ratio to the "
+                                                       "reference.")] = 0.5,
+    dimensions: Annotated[Optional[str], typer.Option(help="Comma-separated VBench dimensions (default all 16).",
+                                                      rich_help_panel=_VB)] = None,
+    augmented_prompts: Annotated[Optional[Path], typer.Option(help="Rewritten prompts: JSON {short: long} or TSV "
+                                                                   "lines short<TAB>long.", rich_help_panel=_VB)]
+    = None,
+    vbench_python: Annotated[Optional[str], typer.Option(envvar="TMD_VBENCH_PYTHON", show_envvar=True,
+                                                         help="Python of the VBench environment.",
+                                                         rich_help_panel=_VB)] = None,
+    vbench_cache: Annotated[Optional[Path], typer.Option(envvar="VBENCH_CACHE_DIR", show_envvar=True,
+                                                         help="VBench weights folder (default ~/.cache/vbench).",
+                                                         rich_help_panel=_VB)] = None,
+    name: Annotated[Optional[str], typer.Option(help="Name of the eval artifact.")] = None,
+    home: HomeOpt = DEFAULT_HOME,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    dry_run: DryRunOpt = False,
+):
+    """Compare models on the same prompts and seeds -> an eval artifact with a report.
+
+    Writes results.json, report.md (model, effective NFE, metrics, time split), quality_vs_nfe.png and gallery.html
+    (clips side by side), keeps the samples, prints the table on stderr and the artifact path on stdout. A rerun
+    resumes without regenerating.
+    """
+    from tmdcli.stages import eval as stage
+    from tmdcli.stages.common import execute
+
+    config = stage.EvalConfig(
+        models=tuple(model), suite=suite, prompts=prompts, samples_per_prompt=samples_per_prompt, seed=seed,
+        teacher_steps=teacher_steps, num_frames=frames, height=height, width=width,
+        clip_model=str(clip_model) if clip_model else None, clip_arch=clip_arch, collapse_ratio=collapse_ratio,
+        dimensions=tuple(d.strip() for d in dimensions.split(",") if d.strip()) if dimensions else None,
+        augmented_prompts=str(augmented_prompts) if augmented_prompts else None, vbench_python=vbench_python,
+        vbench_cache=str(vbench_cache) if vbench_cache else None, dtype=dtype, batch_size=batch_size, name=name)
+    execute(stage, config, home=home, dry_run=dry_run, device=device)
 
 
 # --- inspection -----------------------------------------------------------------------------------------------

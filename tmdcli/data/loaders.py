@@ -159,6 +159,10 @@ class LatentLoader:
             raise ValueError(f"loader state position {state['position']} is outside the epoch ({self.per_rank})")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    def first_items(self, count: int) -> dict:
+        """A fixed batch of the `count` lowest-id items (validation prompts whose embeddings are stored here)."""
+        return self.load(self._items[:max(0, min(count, len(self._items)))])
+
     # -- reading -----------------------------------------------------------------------------------------------
 
     def _handle(self, shard: int):

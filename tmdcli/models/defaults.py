@@ -41,3 +41,9 @@ WAN21_TRANSFORMER_CONFIGS = {
                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
 }
+
+
+# The `tiny-random` teacher's transformer (built in tmdcli/models/tiny.py); here so plans can read it without torch.
+TINY_TRANSFORMER_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                               out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=4,
+                               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)

@@ -103,12 +103,24 @@ class TMDStudent(nn.Module):
         return wan.output_layer(tr, h, temb_s + remb, feats.grid)
 
     # --- persistence -------------------------------------------------------------------------------------------
-    def save(self, folder: str | Path, *, metadata: dict | None = None) -> Path:
-        """Write `transformer/` (diffusers layout), `extras/` and `student.json`; loads without the teacher."""
+    def save(self, folder: str | Path, *, metadata: dict | None = None,
+             state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write `transformer/` (diffusers layout), `extras/` and `student.json`; loads without the teacher.
+
+        `state` (keys `transformer.*`, `extras.*`) replaces this module's own tensors: a training run passes the
+        full state gathered from its (possibly sharded) copy, so only rank 0 needs to call this.
+        """
+        from safetensors.torch import save_file
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
-        self.extras.save_pretrained(folder / "extras", safe_serialization=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in (state or self.state_dict()).items()}
+        for part, model in (("transformer", self.transformer), ("extras", self.extras)):
+            sub = folder / part
+            sub.mkdir(parents=True, exist_ok=True)
+            model.save_config(sub)
+            prefix = part + "."
+            tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            save_file(tensors, str(sub / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         info = {"format": STUDENT_FORMAT, "config": asdict(self.config), "num_blocks": self.num_blocks,
                 "effective_nfe": self.effective_nfe, "outer_grid": self.config.outer_grid(),
                 "inner_grid": self.config.inner_grid(), **(metadata or {})}

@@ -7,9 +7,8 @@ import string
 
 import torch
 
-TINY_TRANSFORMER_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                               out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=4,
-                               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+from tmdcli.models.defaults import TINY_TRANSFORMER_CONFIG  # noqa: F401 (stdlib home, for torch-free plans)
+
 TINY_VAE_CONFIG = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                        temperal_downsample=[False, True, True])
 TINY_TEXT_ENCODER_CONFIG = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,

@@ -66,3 +66,16 @@ def device_for(device: str, info: DistInfo | None = None) -> str:
 
     info = info or dist_info()
     return f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def make_accelerator(device: str):
+    """The one Accelerator of a training run (process group, DDP/FSDP wrapping from `accelerate launch`'s config).
+
+    Device placement and mixed precision stay with the training loop (explicit bf16 autocast on GPU, fp32 master
+    weights), so the same code runs unchanged in a plain single process on the CPU.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=on_cpu, mixed_precision="no", device_placement=False)

@@ -41,16 +41,18 @@ class Progress:
         made = self.done - self.start_done
         return None if made <= 0 else elapsed / made * (self.total - self.done)
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, info: str = "") -> None:
+        """Count n more; `info` (e.g. current loss terms) is shown after the rate."""
         self.done += n
         if not self.enabled:
             return
+        rate = self.rate_text() + (f" | {info}" if info else "")
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, rate=self.rate_text())
+            self._bar.update(self._task, completed=self.done, rate=rate)
         elif time.monotonic() - self.last >= self.every_s or self.done >= self.total:
             self.last = time.monotonic()
             eta = self.eta_s()
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {self.rate_text()}"
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate}"
                   + (f", ETA {eta:.0f} s" if eta is not None else ""), file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -129,7 +129,7 @@ def execute(stage, cfg, *, home: Path, dry_run: bool = False, shard: str | None 
     artifact = stage.run(cfg, plan, staging, rt)
     if artifact is not None and info.is_main:
         print(artifact.path)
-    elif artifact is None:
+    elif artifact is None and num_workers > 1 and getattr(stage, "DATA_PARALLEL", True):
         print(f"worker {worker}/{num_workers}: my shards are done; the last worker to finish commits {plan.output_id}",
               file=sys.stderr)
     return artifact

@@ -1,0 +1,176 @@
+"""What `--dry-run` says about a training run before anything is loaded: parameter counts, peak memory per GPU and
+FLOPs per iteration, from the transformer's config alone (no torch import).
+
+Parameter counts are exact for diffusers' WanTransformer3DModel (text-to-video, no image embedder) and our student
+extras (tests compare them with built models, including the full 1.3B config on the meta device). FLOPs count
+matrix multiplications (2 per multiply-add) in the DiT blocks and attention; embeddings, norms and the VAE are
+ignored, as in TMD Eq. 16. Activation memory is a model, not a measurement: each block keeps about
+ACT_D_PER_TOKEN x D + ACT_F_PER_TOKEN x F bf16 values per token for the backward pass (flash attention keeps no
+N x N matrix); `benchmarks/train_step.py` measures the real peak on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACT_D_PER_TOKEN = 16  # norm outputs, q/k/v/o, residuals, cross-attention q/o, modulation products (bf16)
+ACT_F_PER_TOKEN = 2  # FFN hidden before and after GELU
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class WanShape:
+    dim: int  # D
+    ffn_dim: int  # F
+    num_blocks: int  # L
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch: tuple[int, int, int] = (1, 2, 2)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "WanShape":
+        dim = config["num_attention_heads"] * config["attention_head_dim"]
+        return cls(dim=dim, ffn_dim=config["ffn_dim"], num_blocks=config["num_layers"],
+                   in_channels=config.get("in_channels", 16), out_channels=config.get("out_channels") or 16,
+                   text_dim=config.get("text_dim", 4096), freq_dim=config.get("freq_dim", 256),
+                   patch=tuple(config.get("patch_size", (1, 2, 2))))
+
+    @property
+    def patch_volume(self) -> int:
+        return self.patch[0] * self.patch[1] * self.patch[2]
+
+    def tokens(self, latent_shape) -> int:
+        _, t, h, w = latent_shape
+        return (t // self.patch[0]) * (h // self.patch[1]) * (w // self.patch[2])
+
+
+def linear(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
+
+
+def block_params(s: WanShape) -> int:
+    """One WanTransformerBlock: self- and cross-attention (q, k, v, out + RMS qk-norms), affine cross-attention
+    norm, FFN, and the block's own 6 x D modulation table."""
+    attention = 4 * linear(s.dim, s.dim) + 2 * s.dim
+    return 2 * attention + 2 * s.dim + linear(s.dim, s.ffn_dim) + linear(s.ffn_dim, s.dim) + 6 * s.dim
+
+
+def transformer_params(s: WanShape) -> dict[str, int]:
+    patch = s.in_channels * s.patch_volume * s.dim + s.dim
+    condition = (linear(s.freq_dim, s.dim) + linear(s.dim, s.dim)  # time_embedder
+                 + linear(s.dim, 6 * s.dim)  # time_proj
+                 + linear(s.text_dim, s.dim) + linear(s.dim, s.dim))  # text_embedder
+    output = linear(s.dim, s.out_channels * s.patch_volume) + 2 * s.dim
+    blocks = s.num_blocks * block_params(s)
+    return {"blocks": blocks, "embeddings_and_output": patch + condition + output,
+            "total": blocks + patch + condition + output}
+
+
+def extras_params(s: WanShape, fusion: str = "gated", mlp_dim: int | None = None) -> int:
+    """The student's new modules: fusion layer and the zero-output (s - r) embedder (METHOD.md 2.2-2.3)."""
+    r_embedder = linear(s.freq_dim, s.dim) + linear(s.dim, s.dim) + linear(s.dim, 6 * s.dim)
+    if fusion == "concat":
+        return r_embedder + linear(2 * s.dim, s.dim)
+    f = mlp_dim or s.ffn_dim
+    return r_embedder + 2 * s.dim + linear(s.dim, f) + linear(f, s.dim) + linear(s.dim, s.dim) + 1
+
+
+def block_forward_flops(s: WanShape, tokens: int, text_tokens: int) -> float:
+    """Matmul FLOPs of one block on one sample: projections, attention (N^2), cross-attention, FFN."""
+    n, d, f, t = tokens, s.dim, s.ffn_dim, text_tokens
+    self_attention = 8 * n * d * d + 4 * n * n * d
+    cross_attention = 4 * n * d * d + 4 * t * d * d + 4 * n * t * d
+    return self_attention + cross_attention + 4 * n * d * f
+
+
+def activation_bytes_per_block(s: WanShape, tokens: int, bytes_per_value: int = 2) -> float:
+    return tokens * (ACT_D_PER_TOKEN * s.dim + ACT_F_PER_TOKEN * s.ffn_dim) * bytes_per_value
+
+
+@dataclass(frozen=True)
+class TrainEstimate:
+    trainable_params: int
+    frozen_params: int
+    flops_per_iteration: float  # whole global batch
+    weights_gib: float  # fp32 master weights of the trained networks, per GPU
+    grads_gib: float
+    optimizer_gib: float  # AdamW exp_avg + exp_avg_sq
+    frozen_gib: float  # frozen networks (bf16 on GPU)
+    activations_gib: float  # per GPU, micro-batch, with the chosen checkpointing
+    activations_other_gib: float  # the other checkpointing setting, for comparison
+    peak_gib: float
+
+    def rows(self, checkpointing: bool) -> list[tuple[str, str]]:
+        other = "off" if checkpointing else "on"
+        g = human_gib
+        return [
+            ("parameters", f"{human_count(self.trainable_params)} trained, {human_count(self.frozen_params)} frozen"),
+            ("memory/GPU (estimate)",
+             f"~{g(self.peak_gib)} peak = weights {g(self.weights_gib)} + grads {g(self.grads_gib)} + AdamW "
+             f"{g(self.optimizer_gib)} + frozen {g(self.frozen_gib)} + activations {g(self.activations_gib)} "
+             f"(checkpointing {'on' if checkpointing else 'off'}; {g(self.activations_other_gib)} with it {other})"),
+            ("compute", f"{human_flops(self.flops_per_iteration)} per iteration (global batch)"),
+        ]
+
+
+def human_gib(gib: float) -> str:
+    return f"{gib:.1f} GiB" if gib >= 0.1 else f"{gib * 1024:.1f} MiB" if gib * 1024 >= 0.1 else \
+        f"{gib * 1024 ** 2:.0f} KiB"
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_flops(n: float) -> str:
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f} FLOP"
+
+
+def estimate_training(*, trainable_params: int, frozen_params: int, forward_flops_per_sample: float,
+                      activation_bytes: float, activation_bytes_checkpointed: float, batch: int, world_size: int,
+                      checkpointing: bool, sharded: bool, frozen_bytes_per_param: int = 2) -> TrainEstimate:
+    """Combine per-sample numbers into per-GPU memory and per-iteration FLOPs.
+
+    `forward_flops_per_sample` must already include every pass of the objective (e.g. 3x for forward + backward,
+    no-grad CFG passes); activation bytes are for one micro-batch.
+    """
+    share = world_size if sharded else 1
+    weights = 4 * trainable_params / share
+    act, other = ((activation_bytes_checkpointed, activation_bytes) if checkpointing
+                  else (activation_bytes, activation_bytes_checkpointed))
+    frozen = frozen_bytes_per_param * frozen_params / share
+    # bf16 autocast keeps a bf16 copy of every weight it used until the forward ends: 2 bytes per parameter.
+    autocast_copies = 2 * trainable_params / share
+    peak = 4 * weights + frozen + act + autocast_copies  # weights + grads + 2 Adam moments
+    return TrainEstimate(trainable_params=trainable_params, frozen_params=frozen_params,
+                         flops_per_iteration=forward_flops_per_sample * batch, weights_gib=weights / GIB,
+                         grads_gib=weights / GIB, optimizer_gib=2 * weights / GIB, frozen_gib=frozen / GIB,
+                         activations_gib=act / GIB, activations_other_gib=other / GIB, peak_gib=peak / GIB)
+
+
+def tm_meanflow_estimate(s: WanShape, latent_shape, *, num_head_blocks: int, batch: int, micro_batch: int,
+                         world_size: int, checkpointing: bool, cfg_scale: float, r_equals_s_prob: float,
+                         text_tokens: int = 512, fusion: str = "gated", sharded: bool = False) -> TrainEstimate:
+    """Stage 1 (TM-MF) per iteration: one no-grad CFG pass (student, negative prompt), one forward + backward of
+    the whole student (backward = 2x forward; +1x with checkpointing), and two no-grad head passes for the
+    (1 - r_equals_s_prob) share of samples that need the finite-difference derivative."""
+    n = s.tokens(latent_shape)
+    block = block_forward_flops(s, n, text_tokens)
+    full, head = s.num_blocks * block, num_head_blocks * block
+    passes = (1.0 if cfg_scale != 1.0 else 0.0) * full + (3.0 + (1.0 if checkpointing else 0.0)) * full \
+        + (1.0 - r_equals_s_prob) * 2 * head
+    act_block = activation_bytes_per_block(s, n)
+    no_ckpt = micro_batch * s.num_blocks * act_block
+    with_ckpt = micro_batch * (s.num_blocks * n * s.dim * 2 + act_block)  # block inputs + one block recomputed
+    trainable = transformer_params(s)["total"] + extras_params(s, fusion)
+    return estimate_training(trainable_params=trainable, frozen_params=0, forward_flops_per_sample=passes,
+                             activation_bytes=no_ckpt, activation_bytes_checkpointed=with_ckpt, batch=batch,
+                             world_size=world_size, checkpointing=checkpointing, sharded=sharded)

@@ -1,0 +1,209 @@
+"""What the two training stages (`pretrain-head`, `distill`) share: the common options, input checks done at plan
+time (latents and teacher must fit together), the torch-free transformer config, the run setup (accelerator,
+device, loader), validation samples, and the export of the trained student into the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tmdcli.api import STUDENT_EXPORT_DIR
+from tmdcli.artifacts.store import Artifact, Staging, Store
+from tmdcli.errors import ArtifactError, UsageError
+from tmdcli.stages.common import NOT_IDENTITY, Runtime
+from tmdcli.stages.synth_videos import resolve_input, teacher_entry, teacher_folder
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingOptions:
+    """Options every training stage has (METHOD.md 6; the run-control ones are not part of the identity)."""
+
+    teacher: str = ""  # default: the teacher that made the latents
+    latents: str = field(default="latest", metadata=NOT_IDENTITY)
+    iters: int = 3000
+    lr: float | None = None  # default per teacher (METHOD.md 6)
+    batch: int = 64  # global
+    micro_batch: int = 1  # per GPU
+    grad_clip: float = 10.0
+    seed: int = 0
+    save_every: int = field(default=500, metadata=NOT_IDENTITY)
+    log_every: int = field(default=10, metadata=NOT_IDENTITY)
+    sample_every: int = field(default=500, metadata=NOT_IDENTITY)
+    num_sample_prompts: int = field(default=2, metadata=NOT_IDENTITY)
+    stop_after: int | None = field(default=None, metadata=NOT_IDENTITY)
+    checkpointing: bool = field(default=False, metadata=NOT_IDENTITY)
+    log_to: str = field(default="none", metadata=NOT_IDENTITY)
+    name: str | None = field(default=None, metadata=NOT_IDENTITY)
+
+
+def check_run_options(cfg: TrainingOptions) -> None:
+    from tmdcli.runtime.train_loop import check_log_backend
+
+    for flag, value, low in (("--iters", cfg.iters, 1), ("--batch", cfg.batch, 1), ("--micro-batch", cfg.micro_batch, 1),
+                             ("--save-every", cfg.save_every, 1), ("--log-every", cfg.log_every, 1),
+                             ("--sample-every", cfg.sample_every, 0), ("--num-sample-prompts", cfg.num_sample_prompts, 0)):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        raise UsageError(f"--stop-after must be >= 1, got {cfg.stop_after}")
+    check_log_backend(cfg.log_to)
+
+
+def transformer_config(entry, folder: Path | None) -> dict:
+    """The teacher transformer's config.json as a dict, without torch."""
+    if folder is None:
+        from tmdcli.models.defaults import TINY_TRANSFORMER_CONFIG
+
+        return dict(TINY_TRANSFORMER_CONFIG)
+    return json.loads((folder / "transformer" / "config.json").read_text())
+
+
+@dataclass
+class TrainingInputs:
+    latents: Artifact
+    entry: object  # registry.TeacherEntry
+    folder: Path | None
+    config: dict  # transformer config
+    latent_shape: list[int]
+    num_items: int
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.config["num_layers"])
+
+
+def resolve_training_inputs(store: Store, latents_ref: str, teacher: str) -> TrainingInputs:
+    """The latents artifact and the teacher, checked against each other (exit 2 with what does not fit)."""
+    latents = resolve_input(store, latents_ref, "latents", "--latents")
+    facts = latents.manifest.facts or {}
+    if "latent_shape" not in facts or not facts.get("num_items"):
+        raise ArtifactError(f"latents artifact {latents.id} holds no items (or does not say its latent shape)",
+                            hint="make one with `tmd encode-latents`")
+    entry = teacher_entry(teacher or facts.get("teacher", ""))
+    folder = teacher_folder(entry)
+    config = transformer_config(entry, folder)
+    family = facts.get("teacher_family")
+    if family and family != entry.family:
+        raise UsageError(f"latents {latents.id} come from the {family} family ({facts.get('teacher')}); teacher "
+                         f"{entry.name} is {entry.family}", hint="encode latents with this teacher's VAE first")
+    shape = list(facts["latent_shape"])
+    if shape[0] != config.get("in_channels", 16):
+        raise UsageError(f"latents {latents.id} have {shape[0]} channels; {entry.name} reads "
+                         f"{config.get('in_channels')}", hint=f"encode latents with `tmd encode-latents --teacher "
+                                                              f"{entry.name}`")
+    if "text_dim" in facts and facts["text_dim"] != config.get("text_dim", 4096):
+        raise UsageError(f"latents {latents.id} carry {facts['text_dim']}-wide text embeddings; {entry.name} reads "
+                         f"{config.get('text_dim')}", hint="encode latents with this teacher's text encoder")
+    if facts.get("teacher") and teacher and facts["teacher"] != entry.name and family is None:
+        print(f"note: latents {latents.id} were made with {facts['teacher']}, training with {entry.name}",
+              file=sys.stderr)
+    return TrainingInputs(latents=latents, entry=entry, folder=folder, config=config, latent_shape=shape,
+                          num_items=int(facts["num_items"]))
+
+
+def check_head_blocks(num_head_blocks: int, num_blocks: int, teacher: str) -> None:
+    if not 1 <= num_head_blocks < num_blocks:
+        raise UsageError(f"--h {num_head_blocks}: the flow head needs 1 <= H < L = {num_blocks} blocks of {teacher}",
+                         hint=f"the paper uses H = 5 of 30 (1.3B) and 5 of 40 (14B); try --h {min(5, num_blocks - 1)}")
+
+
+def default_lr(entry, stage: str) -> float:
+    """TMD Table 7: Stage 1 3e-5 (1.3B) / 1e-5 (14B); Stage 2 1e-5 for both (other teachers: the 1.3B values)."""
+    if stage == "distill":
+        return 1e-5
+    return 1e-5 if entry.loss_norm_c_per_element < 1.0 else 3e-5
+
+
+# --- run time ------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSetup:
+    accelerator: object
+    device: object  # torch.device
+    rank: int
+    world_size: int
+    is_main: bool
+
+
+def run_setup(rt: Runtime) -> RunSetup:
+    import torch
+
+    from tmdcli.runtime.dist import make_accelerator
+
+    accelerator = make_accelerator(rt.device)
+    if rt.device == "auto":
+        device = accelerator.device
+    else:
+        device = torch.device(rt.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {rt.device} but CUDA is not available", hint="use --device cpu")
+    return RunSetup(accelerator=accelerator, device=device, rank=accelerator.process_index,
+                    world_size=accelerator.num_processes, is_main=accelerator.is_main_process)
+
+
+def make_validator(student, vae, loader, staging: Staging, *, num_prompts: int, fps: int, latent_shape,
+                   is_main: bool, console=None):
+    """A callback that samples the first `num_prompts` items of the latents artifact (their stored text
+    embeddings, seeds 0..k-1) with Algorithm 1 and writes `samples/iter-XXXXXXX/<k>.mp4` (rank 0)."""
+    import torch
+
+    from tmdcli.artifacts.media import write_mp4_from_tensor
+    from tmdcli.models import wan
+    from tmdcli.sampler import generators_for, randn_per_sample, sample_tmd
+
+    if num_prompts <= 0:
+        return None
+    fixed = loader.first_items(num_prompts)
+    seeds = list(range(len(fixed["prompts"])))
+
+    def validate(iteration: int) -> None:
+        device = fixed["text"].device
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            noise = randn_per_sample(latent_shape, generators_for(seeds), device=device)
+            latents = sample_tmd(student, noise, fixed["text"], outer_grid=student.config.outer_grid(),
+                                 inner_grid=student.config.inner_grid(),
+                                 generators=generators_for([1000 + s for s in seeds]))
+            videos = wan.vae_decode(vae, latents.to(device)).float().cpu() if vae is not None else None
+        student.train(was_training)
+        if not is_main or videos is None:
+            return
+        folder = f"{SAMPLES_DIR}/iter-{iteration:07d}"
+        for k, prompt in enumerate(fixed["prompts"]):
+            with staging.atomic_path(f"{folder}/{k}.mp4") as tmp:
+                write_mp4_from_tensor(videos[k], tmp, fps=fps)
+        staging.write_bytes(f"{folder}/prompts.json", json.dumps(
+            [{"prompt": p, "seed": s} for p, s in zip(fixed["prompts"], seeds)], indent=1).encode())
+        if console is not None:
+            console.print(f"validation samples at iteration {iteration}: {folder}/ in the artifact")
+
+    return validate
+
+
+def finish_student(staging: Staging, student, state: dict, *, facts: dict, stats: dict, is_main: bool,
+                   metadata: dict) -> Artifact | None:
+    """Export the trained student (full state, rank 0) into `export/`, keep the newest checkpoint, commit."""
+    from tmdcli.runtime.checkpoint import list_checkpoints, prune_checkpoints
+
+    if not is_main:
+        return None
+    export = staging.path / STUDENT_EXPORT_DIR
+    if export.exists():
+        import shutil
+
+        shutil.rmtree(export)  # an export cut short by a kill; the checkpoint is what counts
+    student.save(export, state=state, metadata=metadata)
+    prune_checkpoints(staging.path / CHECKPOINT_DIR, keep=1)  # the training state for a later resume
+    found = list_checkpoints(staging.path / CHECKPOINT_DIR)
+    facts = {**facts, "training_state": str(found[-1][1].relative_to(staging.path)) if found else None}
+    return staging.commit(facts=facts, stats=stats)
