@@ -49,6 +49,12 @@ RefArg = Annotated[str, typer.Argument(help="Artifact id, name, latest, KIND:lat
                                        autocompletion=complete_ref)]
 
 
+def _has_students(home) -> bool:
+    from tmdcli.artifacts.store import Store
+
+    return bool(Store(home).list("student"))
+
+
 def _stderr():
     from rich.console import Console
 
@@ -330,6 +336,79 @@ def pretrain_head(
     execute(stage, config, home=home, dry_run=dry_run, device=device)
 
 
+@app.command("distill", epilog="Examples:\n\n  tmd distill --n 2 --h 5\n\n"
+                               "  tmd distill --teacher tiny-random --n 2 --h 1 --iters 10 --save-every 5\n\n"
+                               "  tmd distill --method dmd2v --m 1 --kd-warmup 10000 --iters 12000\n\n"
+                               "  tmd distill --n 2 --h 5 --no-rollout --name n2h5-no-rollout   # Fig. 7 ablation\n\n"
+                               "  accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m tmdcli distill "
+                               "--inner-steps 2 --head-blocks 5 --checkpointing")
+@guarded
+def distill(
+    n: Annotated[int, typer.Option("--n", "--inner-steps", help="Inner (flow-head) steps N (TMD).")] = 2,
+    h: Annotated[int, typer.Option("--h", "--head-blocks", help="Flow-head blocks H (TMD).")] = 5,
+    m: MOpt = 2,
+    method: Annotated[str, typer.Option(help="tmd (DMD2-v + flow-head rollout, from a pretrain-head student) or "
+                                             "dmd2v (the baseline: a few-step student initialised from the "
+                                             "teacher).")] = "tmd",
+    init: Annotated[Optional[str], typer.Option(help="Stage-1 student to start from (default: the newest "
+                                                     "pretrain-head student with this teacher, M, N, H).",
+                                                autocompletion=complete_ref)] = None,
+    teacher: TeacherTrainOpt = "",
+    latents: LatentsOpt = "latest",
+    iters: Annotated[Optional[int], typer.Option("--iters", help="Iterations, critic ones included (default TMD "
+                                                                 "Table 7: 4k for M >= 2, 12k for M = 1; 14B 1k / "
+                                                                 "5k).")] = None,
+    lr: LrOpt = None,
+    batch: BatchOpt = 64,
+    micro_batch: MicroBatchOpt = 1,
+    rollout: Annotated[bool, typer.Option("--rollout/--no-rollout", help="Backpropagate through all N inner steps "
+                                                                       "(--no-rollout: only the last; Fig. 7).")]
+    = True,
+    guidance_scale: Annotated[float, typer.Option(help="Teacher CFG scale (x0 space).")] = 5.0,
+    gan_weight: Annotated[float, typer.Option(help="Weight of the GAN generator loss (0: no discriminator).")] = 0.03,
+    t_gamma: Annotated[float, typer.Option(help="Shift of t_dmd.")] = 5.0,
+    student_every: Annotated[int, typer.Option(help="Student update every this many iterations.")] = 5,
+    outer_gamma: Annotated[float, typer.Option(help="Shift of the outer grid (5 for 4-step DMD2-v).")] = 10.0,
+    disc_layers: Annotated[Optional[str], typer.Option(help="Teacher blocks feeding the discriminator heads, e.g. "
+                                                           "15,22,29 (default per teacher, TMD Table 7).")] = None,
+    kd_warmup: Annotated[int, typer.Option(help="KD warm-up iterations first (one-step DMD2-v only; needs "
+                                                "synth-videos --save-noise).")] = 0,
+    grad_clip: GradClipOpt = 10.0,
+    save_every: SaveEveryOpt = 500,
+    log_every: LogEveryOpt = 10,
+    sample_every: SampleEveryOpt = 500,
+    num_sample_prompts: SamplePromptsOpt = 2,
+    stop_after: StopAfterOpt = None,
+    checkpointing: CheckpointingOpt = False,
+    log_to: LogToOpt = "none",
+    seed: SeedOpt = 0,
+    name: TrainNameOpt = None,
+    home: HomeOpt = DEFAULT_HOME,
+    device: DeviceOpt = "auto",
+    dry_run: DryRunOpt = False,
+):
+    """Stage 2: DMD2-v with flow-head rollout (or the DMD2-v baseline) -> a student artifact.
+
+    Alternates a student update every 5th iteration with fake-score + discriminator updates. Resumable: rerunning
+    the same command continues from the newest checkpoint. --dry-run prints the memory plan per GPU.
+    """
+    from tmdcli.stages import distill as stage
+    from tmdcli.stages.common import execute
+
+    try:
+        layers = tuple(int(v) for v in disc_layers.split(",")) if disc_layers else None
+    except ValueError:
+        raise UsageError(f"--disc-layers must be comma-separated block indices, got {disc_layers!r}") from None
+    config = stage.DistillConfig(disc_layers=layers,
+        method=method, teacher=teacher, latents=latents, init=init, num_outer_steps=m, num_inner_steps=n,
+        num_head_blocks=h, iters=iters, lr=lr, batch=batch, micro_batch=micro_batch, rollout=rollout,
+        guidance_scale=guidance_scale, gan_weight=gan_weight, t_gamma=t_gamma, student_every=student_every,
+        outer_gamma=outer_gamma, kd_warmup=kd_warmup, grad_clip=grad_clip, save_every=save_every,
+        log_every=log_every, sample_every=sample_every, num_sample_prompts=num_sample_prompts, stop_after=stop_after,
+        checkpointing=checkpointing, log_to=log_to, seed=seed, name=name)
+    execute(stage, config, home=home, dry_run=dry_run, device=device)
+
+
 # --- sample ---------------------------------------------------------------------------------------------------
 
 @app.command(epilog="Examples:\n\n  tmd sample \"a cat surfing\"\n\n"
@@ -374,8 +453,12 @@ def sample(
                                   num_frames=frames, height=height, width=width, batch_size=batch_size,
                                   num_outer_steps=m, num_inner_steps=n, num_head_blocks=h, num_steps=steps,
                                   guidance_scale=cfg, home=home, device=device, dtype=dtype)
-    plan = stage.plan(request)
     console = _stderr()
+    if dry_run and model in (None, "latest", "student:latest") and not _has_students(home):
+        # a recipe's DRY_RUN: the student is made by the distill plan printed before this one
+        console.print("[bold]sample[/bold] -> would sample the newest student (not made yet: the distill plan above)")
+        return
+    plan = stage.plan(request)
     stage.render_plan(plan, console)
     if dry_run:
         return
@@ -395,23 +478,28 @@ _VB = "VBench suite"
                             "  tmd eval --model wan2.1-1.3b --model latest --prompts prompts.txt\n\n"
                             "  tmd eval --suite quick --model tiny-random --model latest --prompts prompts.txt "
                             "--teacher-steps 8\n\n"
+                            "  tmd eval --suite toy --model toy --model toy@2 --model latest --toy-prompts 16\n\n"
                             "  tmd eval --suite vbench --model wan2.1-1.3b --model student:latest "
                             "--vbench-python ~/vbench-env/bin/python --augmented-prompts aug.tsv")
 @guarded
 def eval_(
     model: Annotated[list[str], typer.Option("--model", help="Teacher name/folder or student reference; repeat for "
-                                                             "each model. The first is the reference (normally the "
-                                                             "teacher).", autocompletion=complete_ref,
+                                                             "each model. NAME@S: teacher NAME with its own sampler "
+                                                             "at S steps (e.g. toy@2). The first is the reference "
+                                                             "(normally the teacher).", autocompletion=complete_ref,
                                              show_default=False)],
-    suite: Annotated[str, typer.Option(help="quick (offline VBench-style metrics) or vbench (VBench in its own "
-                                            "Python).")] = "quick",
+    suite: Annotated[str, typer.Option(help="quick (offline VBench-style metrics), toy (toy-world analyzer on seen "
+                                            "and held-out toy captions) or vbench (VBench in its own Python).")]
+    = "quick",
     prompts: Annotated[Optional[str], typer.Option(help="quick: text file (one prompt a line) or prompts "
                                                         "artifact.")] = None,
-    samples_per_prompt: Annotated[Optional[int], typer.Option(help="Seeds per prompt (default 4 quick, 5 "
+    toy_prompts: Annotated[Optional[int], typer.Option(help="toy: captions per split, train and held-out (default "
+                                                            "16).")] = None,
+    samples_per_prompt: Annotated[Optional[int], typer.Option(help="Seeds per prompt (default 4 quick, 2 toy, 5 "
                                                                    "vbench).")] = None,
     seed: SeedOpt = 0,
-    teacher_steps: Annotated[Optional[int], typer.Option(help="Steps of a teacher's own sampler (default its 50).")]
-    = None,
+    teacher_steps: Annotated[Optional[int], typer.Option(help="Steps of a teacher's own sampler (default its 50); "
+                                                              "NAME@S overrides it per model.")] = None,
     frames: Annotated[Optional[int], typer.Option(help="Frames (4k+1); default the first model's.",
                                                   rich_help_panel="Size")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height; default the first model's.", rich_help_panel="Size")]
@@ -451,7 +539,8 @@ def eval_(
     from tmdcli.stages.common import execute
 
     config = stage.EvalConfig(
-        models=tuple(model), suite=suite, prompts=prompts, samples_per_prompt=samples_per_prompt, seed=seed,
+        models=tuple(model), suite=suite, prompts=prompts, toy_prompts=toy_prompts,
+        samples_per_prompt=samples_per_prompt, seed=seed,
         teacher_steps=teacher_steps, num_frames=frames, height=height, width=width,
         clip_model=str(clip_model) if clip_model else None, clip_arch=clip_arch, collapse_ratio=collapse_ratio,
         dimensions=tuple(d.strip() for d in dimensions.split(",") if d.strip()) if dimensions else None,

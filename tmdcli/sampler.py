@@ -25,14 +25,19 @@ def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def inner_flow(head_fn: HeadFn, y1: torch.Tensor, inner_grid: Sequence[float]) -> torch.Tensor:
+def inner_flow(head_fn: HeadFn, y1: torch.Tensor, inner_grid: Sequence[float], *,
+               detach_between_steps: bool = False) -> torch.Tensor:
     """The inner flow map from s_N to s_0 = 0 (TMD Alg. 1, inner loop): y <- y - (s_j - s_{j-1}) (y1 - head).
 
-    Starts from y = y1 at s_N (the grid's last value) and returns y_hat, the sampled y = x1 - x.
+    Starts from y = y1 at s_N (the grid's last value) and returns y_hat, the sampled y = x1 - x. With gradients on,
+    the whole N-step rollout is differentiated (TMD Sec. 3.2); `detach_between_steps` cuts the graph before each
+    step, so only the last head call receives gradients (the no-rollout ablation, Fig. 7).
     """
     batch = y1.shape[0]
     y = y1
     for j in range(len(inner_grid) - 1, 0, -1):
+        if detach_between_steps:
+            y = y.detach()
         s = torch.full((batch,), inner_grid[j], dtype=torch.float64, device=y1.device)
         r = torch.full((batch,), inner_grid[j - 1], dtype=torch.float64, device=y1.device)
         ds = inner_grid[j] - inner_grid[j - 1]
@@ -65,9 +70,8 @@ def sample_tmd(student, noise: torch.Tensor, text: torch.Tensor, *, outer_grid: 
     batch = x.shape[0]
     for i in range(len(outer_grid) - 1, 0, -1):
         t = torch.full((batch,), outer_grid[i], dtype=torch.float64, device=x.device)
-        feats = student.backbone(x, t, text)  # one backbone pass per outer step
         y1 = randn_per_sample(x.shape[1:], generators, device=x.device)  # fresh inner noise (App. A.5)
-        y_hat = inner_flow(lambda y, s, r: student.head(y, s, r, feats).float(), y1, inner_grid)
+        y_hat = student.predict_y(x, t, text, y1, inner_grid=list(inner_grid))  # one backbone pass + N head steps
         x = dtm_update(x, y_hat, outer_grid[i], outer_grid[i - 1])
         if callback is not None:
             callback(len(outer_grid) - 1 - i, x)

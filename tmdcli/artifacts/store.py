@@ -95,6 +95,29 @@ class MissingInput:
         return self.id
 
 
+@dataclass
+class PlannedInput:
+    """An input that does not exist yet, in a `--dry-run` of a chain of stages (a recipe's DRY_RUN): the stage
+    before makes it. Plans show it as "not made yet" and size their estimates from the teacher's defaults."""
+
+    kind: str
+    planned: ClassVar[bool] = True
+
+    @property
+    def id(self) -> str:
+        return f"(new {self.kind}, made by the stage before)"
+
+    @property
+    def fingerprint(self) -> str:
+        return f"planned:{self.kind}"
+
+    name = id
+
+
+def is_planned(artifact) -> bool:
+    return getattr(artifact, "planned", False)
+
+
 def load_artifact(path: str | os.PathLike) -> Artifact:
     """Read the artifact in folder `path` (raises ArtifactError when it has no valid manifest)."""
     path = Path(path)
@@ -417,6 +440,8 @@ class Staging:
 
 class Store:
     """All artifacts under one home folder (`--home`, env TMD_HOME)."""
+
+    plan_missing_inputs = False  # set for --dry-run: a `latest` input that does not exist yet is planned, not an error
 
     def __init__(self, home: str | os.PathLike):
         # Absolute, so that paths recorded or printed stay valid after a chdir (no resolve: keep symlinked homes).

@@ -77,6 +77,8 @@ class TMDStudent(nn.Module):
     @property
     def effective_nfe(self) -> float:
         c = self.config
+        if c.method == "dmd2v":  # one full forward per outer step (TMD Eq. 16: baselines count M)
+            return float(c.num_outer_steps)
         return effective_nfe(c.num_outer_steps, c.num_inner_steps, c.num_head_blocks, self.num_blocks)
 
     @property
@@ -101,6 +103,34 @@ class TMDStudent(nn.Module):
         h = wan.run_blocks(tr, tr.blocks[self.num_backbone_blocks:], h, feats.text, tproj_s + rproj,
                            feats.rotary_emb, checkpointing=self.checkpointing)
         return wan.output_layer(tr, h, temb_s + remb, feats.grid)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_raw: torch.Tensor) -> torch.Tensor:
+        """The whole network's velocity v(x_t, t) (all L blocks, output layer at temb(t)): the DMD2-v student."""
+        t1000 = (1000.0 * t.to(torch.float64)).float()
+        feats = wan.backbone_forward(self.transformer, x_t.to(self.dtype), t1000, text_raw.to(self.dtype),
+                                     self.num_blocks, checkpointing=self.checkpointing)
+        return wan.output_layer(self.transformer, feats.m, feats.temb, feats.grid)
+
+    def predict_y(self, x_t: torch.Tensor, t: torch.Tensor, text_raw: torch.Tensor, y1: torch.Tensor, *,
+                  rollout: bool = True, inner_grid: list[float] | None = None,
+                  head_time: torch.Tensor | None = None) -> torch.Tensor:
+        """y_hat for one outer step: one backbone pass, then the N-step inner flow from y1 (TMD Alg. 1).
+
+        rollout=False detaches y between inner steps (gradients reach only the last step; Fig. 7 ablation).
+        `inner_grid` and `head_time` are test switches (METHOD.md 11.1: grid [0, 1], head fed t_i instead of s).
+        A DMD2-v student returns its velocity (Eq. 17 parametrisation: x_hat = x_t - t v).
+        """
+        from tmdcli.sampler import inner_flow
+
+        if self.config.method == "dmd2v":
+            return self.velocity(x_t, t, text_raw).float()
+        feats = self.backbone(x_t, t, text_raw)
+
+        def head_fn(y, s, r):
+            return self.head(y, s if head_time is None else head_time, r, feats).float()
+
+        return inner_flow(head_fn, y1, self.config.inner_grid() if inner_grid is None else inner_grid,
+                          detach_between_steps=not rollout)
 
     # --- persistence -------------------------------------------------------------------------------------------
     def save(self, folder: str | Path, *, metadata: dict | None = None,

@@ -119,6 +119,22 @@ def block_features(transformer, x_t: torch.Tensor, t1000: torch.Tensor, text_raw
     return [feats[i] for i in layers]
 
 
+def velocity_and_features(transformer, x_t: torch.Tensor, t: torch.Tensor, text_raw: torch.Tensor,
+                          layers: Sequence[int], *, checkpointing: bool = False
+                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One full forward giving the velocity and the unpatchified outputs of `layers` (the Stage-2 student step
+    needs both from the teacher's conditional pass: x0 for VSD, features for the GAN generator loss)."""
+    t1000 = (1000.0 * t.to(torch.float64)).float()
+    h, rotary_emb, text, temb, tproj = prologue(transformer, x_t, t1000, text_raw)
+    grid = patch_grid(transformer, x_t)
+    feats = {}
+    for i, block in enumerate(transformer.blocks):
+        h = run_blocks(transformer, [block], h, text, tproj, rotary_emb, checkpointing=checkpointing)
+        if i in layers:
+            feats[i] = unpatchify_features(h, grid, transformer.config.patch_size)
+    return output_layer(transformer, h, temb, grid), [feats[i] for i in layers]
+
+
 def velocity(transformer, x_t: torch.Tensor, t: torch.Tensor, text_raw: torch.Tensor) -> torch.Tensor:
     """Teacher velocity v(x_t, t) = E[x1 - x | x_t] (TMD Eq. 2): Wan's network output, fed 1000 * t."""
     t1000 = (1000.0 * t).to(torch.float32)

@@ -7,6 +7,8 @@ Convention (Wan2.1, rectified flow): t = 1 is pure noise. Times are float64 tens
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn import functional as F
 
@@ -122,3 +124,96 @@ def is_student_iteration(iteration: int, every: int = 5) -> bool:
     if every < 1:
         raise ValueError(f"student update interval must be >= 1, got {every}")
     return iteration % every == 0
+
+
+# --- the two alternating losses of Stage 2 (METHOD.md 5.3) --------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class DMDParams:
+    """Stage 2 hyperparameters (TMD Table 7 "DMD2-v"; METHOD.md 5.1)."""
+
+    outer_grid: tuple[float, ...]
+    disc_layers: tuple[int, ...]
+    guidance_scale: float = 5.0
+    gan_weight: float = 0.03
+    t_gamma: float = 5.0
+    rollout: bool = True  # gradients through all N inner steps (False: Fig. 7 ablation)
+
+
+def generator_sample(student, x_in: torch.Tensor, t_i: torch.Tensor, text: torch.Tensor, y1: torch.Tensor, *,
+                     rollout: bool = True, inner_grid: list[float] | None = None,
+                     head_time: torch.Tensor | None = None) -> torch.Tensor:
+    """The unrolled student as a sample generator, `x_hat = x_{t_i} - t_i y_hat` (TMD Eq. 15 read as D3).
+
+    For a DMD2-v student y_hat is its velocity, so this is Eq. 17's `x_t - t v`. `inner_grid` and `head_time` are
+    the test switches of METHOD.md 11.1.
+    """
+    y_hat = student.predict_y(x_in, t_i, text, y1, rollout=rollout, inner_grid=inner_grid, head_time=head_time)
+    return x_in.float() - _per_sample(t_i, y_hat) * y_hat
+
+
+def _draw(x_real: torch.Tensor, generator: torch.Generator, p: DMDParams):
+    """All noise of one Stage-2 micro-batch, in a fixed order: student input, inner noise, t_dmd, DMD noise."""
+    eps_student = torch.randn(x_real.shape, generator=generator, device=x_real.device)
+    x_in, t_i = student_input(x_real, eps_student, list(p.outer_grid), generator)
+    y1 = torch.randn(x_real.shape, generator=generator, device=x_real.device)
+    t = sample_dmd_time(x_real.shape[0], generator, p.t_gamma, device=x_real.device)
+    eps = torch.randn(x_real.shape, generator=generator, device=x_real.device)
+    return x_in, t_i, y1, t, eps
+
+
+def student_step_loss(student, teacher, fake_score, discriminator, batch: dict, generator: torch.Generator,
+                      p: DMDParams) -> tuple[torch.Tensor, dict]:
+    """VSD + lambda GAN generator loss through the student's full rollout (TMD Eq. 11, Alg. 2 Stage 2).
+
+    The teacher is frozen; its conditional pass keeps the graph to its input for the GAN term and gives x0_c; the
+    negative pass and the fake score run without grad. The discriminator is frozen and in eval mode.
+    """
+    from tmdcli.models import wan
+    from tmdcli.objectives.gan import generator_loss
+
+    x_real, text = batch["latents"].float(), batch["text"]
+    neg = batch["negative"].expand(x_real.shape[0], -1, -1)
+    x_in, t_i, y1, t, eps = _draw(x_real, generator, p)
+    x_hat = generator_sample(student, x_in, t_i, text, y1, rollout=p.rollout)
+    x_hat_t = noisy(x_hat, t, eps)
+    with torch.no_grad():
+        x0_fake = x0_from_velocity(x_hat_t, t, wan.velocity(fake_score, x_hat_t, t, text).float())
+        x0_neg = x0_from_velocity(x_hat_t, t, wan.velocity(teacher, x_hat_t, t, neg).float())
+    v_cond, feats = wan.velocity_and_features(teacher, x_hat_t, t, text, p.disc_layers,
+                                              checkpointing=getattr(student, "checkpointing", False))
+    x0_cond = x0_from_velocity(x_hat_t, t, v_cond.float()).detach()
+    x0_teacher = cfg_x0(x0_cond, x0_neg, p.guidance_scale)
+    vsd = vsd_loss(x_hat, x0_fake, x0_teacher)
+    gan = generator_loss(discriminator(feats)) if p.gan_weight > 0 else torch.zeros((), device=x_hat.device)
+    loss = vsd + p.gan_weight * gan
+    return loss, {"vsd": vsd.detach(), "gan_g": gan.detach(),
+                  "vsd_weight": vsd_weight(x_hat, x0_teacher).mean()}
+
+
+def critic_step_loss(student, teacher, fake_score, discriminator, batch: dict, generator: torch.Generator,
+                     p: DMDParams) -> tuple[torch.Tensor, dict]:
+    """Fake-score DSM (x0 space, D13) + discriminator loss on the current student's full rollout (D16).
+
+    The real clip is noised with the same t and noise as the fake one (FastGen's `gan_use_same_t_noise`).
+    """
+    from tmdcli.models import wan
+    from tmdcli.objectives.gan import discriminator_loss
+
+    x_real, text = batch["latents"].float(), batch["text"]
+    x_in, t_i, y1, t, eps = _draw(x_real, generator, p)
+    with torch.no_grad():
+        x_hat = generator_sample(student, x_in, t_i, text, y1)
+    x_hat_t = noisy(x_hat, t, eps)
+    fake = fake_score_loss(x0_from_velocity(x_hat_t, t, wan.velocity(fake_score, x_hat_t, t, text).float()), x_hat)
+    terms = {"fake_dsm": fake.detach()}
+    if p.gan_weight <= 0:
+        return fake, terms
+    with torch.no_grad():
+        t1000 = (1000.0 * t.to(torch.float64)).float()
+        f_fake = wan.block_features(teacher, x_hat_t, t1000, text, p.disc_layers)
+        f_real = wan.block_features(teacher, noisy(x_real, t, eps), t1000, text, p.disc_layers)
+    logits_fake, logits_real = discriminator(f_fake), discriminator(f_real)
+    d_loss = discriminator_loss(logits_fake, logits_real)
+    terms.update(gan_d=d_loss.detach(), logit_real=logits_real.detach().mean(), logit_fake=logits_fake.detach().mean())
+    return fake + d_loss, terms

@@ -174,3 +174,37 @@ def tm_meanflow_estimate(s: WanShape, latent_shape, *, num_head_blocks: int, bat
     return estimate_training(trainable_params=trainable, frozen_params=0, forward_flops_per_sample=passes,
                              activation_bytes=no_ckpt, activation_bytes_checkpointed=with_ckpt, batch=batch,
                              world_size=world_size, checkpointing=checkpointing, sharded=sharded)
+
+
+def dmd_estimate(s: WanShape, latent_shape, *, num_head_blocks: int, num_inner_steps: int, method: str,
+                 discriminator_params: int, last_disc_layer: int, batch: int, micro_batch: int, world_size: int,
+                 checkpointing: bool, student_every: int = 5, text_tokens: int = 512,
+                 frozen_bytes_per_param: int = 2, sharded: bool = False) -> TrainEstimate:
+    """Stage 2 (DMD2-v + rollout) per iteration, averaged over the alternation (1 student step in `student_every`).
+
+    Student step: the rollout (backbone + N head passes, or one full pass for DMD2-v) forward + backward, the fake
+    score (no grad), the teacher's negative pass (no grad) and its conditional pass with the graph to its input
+    (forward + backward). Critic step: the rollout without grad, the fake score forward + backward, and two teacher
+    feature passes up to the last discriminator layer (no grad). Memory is the student step's (the larger graph).
+    """
+    n = s.tokens(latent_shape)
+    block = block_forward_flops(s, n, text_tokens)
+    full = s.num_blocks * block
+    rollout_blocks = s.num_blocks if method == "dmd2v" else s.num_blocks - num_head_blocks + num_inner_steps * \
+        num_head_blocks
+    rollout = rollout_blocks * block
+    recompute = 1.0 if checkpointing else 0.0
+    student_step = (3 + recompute) * rollout + full + full + (3 + recompute) * full
+    critic_step = rollout + (3 + recompute) * full + 2 * (last_disc_layer + 1) * block
+    per_sample = (student_step + (student_every - 1) * critic_step) / student_every
+    act_block = activation_bytes_per_block(s, n)
+    graph_blocks = rollout_blocks + s.num_blocks  # student rollout + teacher conditional pass
+    no_ckpt = micro_batch * graph_blocks * act_block
+    with_ckpt = micro_batch * (graph_blocks * n * s.dim * 2 + act_block)
+    student = transformer_params(s)["total"] + (extras_params(s) if method != "dmd2v" else 0)
+    fake = transformer_params(s)["total"]
+    return estimate_training(trainable_params=student + fake + discriminator_params,
+                             frozen_params=transformer_params(s)["total"], forward_flops_per_sample=per_sample,
+                             activation_bytes=no_ckpt, activation_bytes_checkpointed=with_ckpt, batch=batch,
+                             world_size=world_size, checkpointing=checkpointing, sharded=sharded,
+                             frozen_bytes_per_param=frozen_bytes_per_param)

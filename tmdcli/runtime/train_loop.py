@@ -183,6 +183,8 @@ def run_loop(cfg: LoopConfig, *, modules: dict[str, torch.nn.Module], optimizers
         metrics.truncate(start)
         if console is not None:
             console.print(f"resuming from {latest.name} (iteration {start} of {cfg.iters})")
+    if latest is None:  # the global RNG (dropout) starts from the seed too; a resume restores its saved state
+        torch.manual_seed(micro_batch_seed(cfg.seed, -1, rank))
     last_saved = start
     batches = loader.batches()  # lazily started: it begins at the restored position
     end = cfg.iters if cfg.stop_after is None else min(cfg.iters, cfg.stop_after)

@@ -96,12 +96,17 @@ class Runtime:
 
 def render_plan(plan: Plan, console) -> None:
     status = "up to date" if plan.complete else "would run"
-    console.print(f"[bold]{plan.stage}[/bold] -> {plan.output_id} ({status})")
+    if any(getattr(a, "planned", False) for _, a in plan.inputs):
+        console.print(f"[bold]{plan.stage}[/bold] -> new {plan.kind} (would run; its id is known once its inputs "
+                      f"exist)")
+    else:
+        console.print(f"[bold]{plan.stage}[/bold] -> {plan.output_id} ({status})")
     for role, artifact in plan.inputs:
         console.print(f"  input {role}: {artifact.id}")
     for key, value in plan.rows:
         console.print(f"  {key}: {value}")
-    console.print(f"  output: {plan.output_path}")
+    if not any(getattr(a, "planned", False) for _, a in plan.inputs):
+        console.print(f"  output: {plan.output_path}")
 
 
 def execute(stage, cfg, *, home: Path, dry_run: bool = False, shard: str | None = None, device: str = "auto",
@@ -113,6 +118,7 @@ def execute(stage, cfg, *, home: Path, dry_run: bool = False, shard: str | None 
     worker, num_workers = worker_slot(shard, info)
     console = make_console(enabled=info.is_main)
     store = Store(home)
+    store.plan_missing_inputs = dry_run  # a recipe's DRY_RUN plans every stage before any input exists
     plan = stage.plan(cfg, store)
     render_plan(plan, console)
     if show_config or dry_run:

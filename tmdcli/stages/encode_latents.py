@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tmdcli.artifacts.store import Artifact, Staging, Store
+from tmdcli.artifacts.store import Artifact, Staging, Store, is_planned
 from tmdcli.data.shards import NEGATIVE_FILE, latents_shard_name, read_latents_meta, shard_files, storage_dtype_name
 from tmdcli.errors import ArtifactError, UsageError
 from tmdcli.stages.common import NOT_IDENTITY, Plan, Runtime
@@ -53,7 +53,13 @@ def plan(cfg: EncodeLatentsConfig, store: Store) -> Plan:
     entry = teacher_entry(cfg.teacher)
     folder = teacher_folder(entry)
     videos = resolve_input(store, cfg.videos, "videos", "--videos")
-    facts = videos.manifest.facts or {}
+    if is_planned(videos):  # a dry-run chain: size from the teacher's defaults
+        from tmdcli.registry import teacher_defaults
+
+        d = teacher_defaults(entry)
+        facts = {"num_frames": d.num_frames, "height": d.height, "width": d.width, "num_items": 0}
+    else:
+        facts = videos.manifest.facts or {}
     if any(k not in facts for k in _VIDEO_FACTS):
         raise ArtifactError(f"videos artifact {videos.id} does not say its video size "
                             f"(facts {', '.join(_VIDEO_FACTS)})",
@@ -61,8 +67,8 @@ def plan(cfg: EncodeLatentsConfig, store: Store) -> Plan:
     frames, height, width = facts["num_frames"], facts["height"], facts["width"]
     latent = check_video_size(frames, height, width, size_rules(folder),
                               f"videos {videos.id} ({frames}x{height}x{width}) for teacher {entry.name}")
-    shards = shard_files(videos.manifest.files, "videos")
-    if not shards:
+    shards = [] if is_planned(videos) else shard_files(videos.manifest.files, "videos")
+    if not shards and not is_planned(videos):
         raise ArtifactError(f"videos artifact {videos.id} holds no shard", hint="remake it with `tmd synth-videos`")
     try:
         r = replace(cfg, storage_dtype=storage_dtype_name(cfg.storage_dtype, latent[0] * latent[1] * latent[2]
@@ -77,12 +83,15 @@ def plan(cfg: EncodeLatentsConfig, store: Store) -> Plan:
     maybe_reuse = r.reuse_latents and facts.get("has_latents")
     p.rows += [
         ("teacher", f"{entry.name} ({entry.kind})"),
-        ("videos", f"{n} clips {frames}x{height}x{width} from {facts.get('teacher', '?')} -> latent "
+        ("videos", ("not made yet (the synth-videos plan above), " if is_planned(videos) else "")
+                   + f"{n or '?'} clips {frames}x{height}x{width} from {facts.get('teacher', '?')} -> latent "
                    f"{'x'.join(map(str, latent))}, stored {r.storage_dtype}"),
-        ("shards", f"{len(names)}" + (f", {done} done (resume)" if done else "")),
-        ("compute", f"{n} prompts through the text encoder; "
-                    + (f"{n} saved latents reused if the VAE digest matches (checked when run), else {n} VAE encodes"
-                       if maybe_reuse else f"{n} mp4 decodes + VAE encodes")),
+        ("shards", "one per videos shard" if is_planned(videos) else
+         f"{len(names)}" + (f", {done} done (resume)" if done else "")),
+        ("compute", "per clip: its prompt through the text encoder, one mp4 decode + VAE encode (or its saved latent)"
+         if is_planned(videos) else f"{n} prompts through the text encoder; "
+         + (f"{n} saved latents reused if the VAE digest matches (checked when run), else {n} VAE encodes"
+            if maybe_reuse else f"{n} mp4 decodes + VAE encodes")),
     ]
     p.facts.update(num_items=n, latent_shape=latent)
     return p

@@ -91,7 +91,7 @@ def plan(cfg: PretrainHeadConfig, store: Store) -> Plan:
     estimate = tm_meanflow_estimate(shape, inputs.latent_shape, num_head_blocks=r.num_head_blocks, batch=r.batch,
                                     micro_batch=r.micro_batch, world_size=world, checkpointing=r.checkpointing,
                                     cfg_scale=r.cfg_scale, r_equals_s_prob=r.r_equals_s_prob, fusion=r.fusion,
-                                    text_tokens=int(inputs.latents.manifest.facts.get("max_sequence_length", 512)))
+                                    text_tokens=inputs.text_tokens)
     nfe = effective_nfe(r.num_outer_steps, r.num_inner_steps, r.num_head_blocks, inputs.num_blocks)
     p = Plan.build(store, stage=STAGE, stage_version=STAGE_VERSION, kind=OUTPUT_KIND, cfg=r,
                    inputs=[("latents", inputs.latents)],
@@ -105,7 +105,7 @@ def plan(cfg: PretrainHeadConfig, store: Store) -> Plan:
         ("objective", f"{'TM-MeanFlow' if r.objective == 'tmmf' else 'transition matching (r = s)'}: CFG "
                       f"{r.cfg_scale}, dropout {r.cond_dropout}, FD delta {r.fd_delta}, r = s for "
                       f"{r.r_equals_s_prob:.0%}, c = {r.norm_c:g} d"),
-        ("data", f"{inputs.num_items} latents {'x'.join(map(str, inputs.latent_shape))} from {inputs.latents.id}"),
+        inputs.data_row(),
         ("schedule", f"{r.iters} iterations x batch {r.batch} ({r.micro_batch}/GPU x {world} GPU(s) x {accum} "
                      f"accumulation), AdamW lr {r.lr:g}, clip {r.grad_clip}; checkpoint every {r.save_every}"),
         *estimate.rows(r.checkpointing),

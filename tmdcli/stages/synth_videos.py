@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tmdcli.artifacts.store import STAGING_PREFIX, Artifact, Staging, Store, load_artifact
+from tmdcli.artifacts.store import STAGING_PREFIX, Artifact, Staging, Store, is_planned, load_artifact
 from tmdcli.data.shards import DEFAULT_SHARD_SIZE, num_shards, read_videos_index, videos_shard_name
 from tmdcli.errors import ArtifactError, UsageError
 from tmdcli.stages.common import NOT_IDENTITY, Plan, Runtime
@@ -58,6 +58,10 @@ def resolve_input(store: Store, ref: str, kind: str, flag: str) -> Artifact:
     try:
         artifact = store.resolve(ref, kind=kind)
     except ArtifactError as exc:
+        if store.plan_missing_inputs and ref in ("latest", f"{kind}:latest") and not store.list(kind):
+            from tmdcli.artifacts.store import PlannedInput
+
+            return PlannedInput(kind)  # a dry-run chain: the stage before makes it
         raise ArtifactError(f"{flag} {ref}: {exc.message}", hint=exc.hint) from exc
     home = store.home.resolve()
     if not artifact.path.resolve().is_relative_to(home):
@@ -252,17 +256,21 @@ def plan(cfg: SynthVideosConfig, store: Store) -> Plan:
     entry = teacher_entry(cfg.teacher)
     folder = teacher_folder(entry)
     prompts = resolve_input(store, cfg.prompts, "prompts", "--prompts")
-    import pyarrow.parquet as pq
+    if is_planned(prompts):
+        total = cfg.limit or 0  # unknown until make-prompts has run
+    else:
+        import pyarrow.parquet as pq
 
-    path = prompts.file(PROMPTS_FILE)
-    if not path.is_file():
-        raise ArtifactError(f"prompts artifact {prompts.id} has no {PROMPTS_FILE}",
-                            hint=f"check it with `tmd verify {prompts.id}`")
-    total = pq.read_metadata(path).num_rows
-    if total == 0:
-        raise ArtifactError(f"prompts artifact {prompts.id} holds no prompt", hint="remake it with `tmd make-prompts`")
+        path = prompts.file(PROMPTS_FILE)
+        if not path.is_file():
+            raise ArtifactError(f"prompts artifact {prompts.id} has no {PROMPTS_FILE}",
+                                hint=f"check it with `tmd verify {prompts.id}`")
+        total = pq.read_metadata(path).num_rows
+        if total == 0:
+            raise ArtifactError(f"prompts artifact {prompts.id} holds no prompt",
+                                hint="remake it with `tmd make-prompts`")
     defaults = teacher_defaults(entry)
-    r = resolve_config(cfg, defaults, total)
+    r = resolve_config(cfg, defaults, total + 1 if is_planned(prompts) else total)
     latent = check_video_size(r.num_frames, r.height, r.width, size_rules(folder), f"teacher {entry.name}")
     count = total if r.limit is None else r.limit
     shards = num_shards(count, r.shard_size)
@@ -272,11 +280,14 @@ def plan(cfg: SynthVideosConfig, store: Store) -> Plan:
     done = staged_count(store, OUTPUT_KIND, p.output_id, [videos_shard_name(k) for k in range(shards)])
     p.rows += [
         ("teacher", f"{entry.name} ({entry.kind})"),
-        ("prompts", f"{count} of {total}" + (f" (first {r.limit} by id)" if r.limit is not None else "")),
+        ("prompts", "not made yet (the make-prompts plan above)" + (f"; first {r.limit} by id" if r.limit else "")
+         if is_planned(prompts) else f"{count} of {total}" + (f" (first {r.limit} by id)" if r.limit is not None
+                                                               else "")),
         ("video", f"{r.num_frames}x{r.height}x{r.width} -> latent {'x'.join(map(str, latent))}"),
         ("sampler", f"{r.sampler} {r.num_steps} steps, cfg {r.guidance_scale:g}, shift {r.flow_shift:g}"),
         ("shards", f"{shards} of up to {r.shard_size} clips" + (f", {done} done (resume)" if done else "")),
-        ("compute", f"{nfe} transformer NFE x {count} clips = {nfe * count} forward passes, {count} VAE decodes"),
+        ("compute", f"{nfe} transformer NFE x {count} clips = {nfe * count} forward passes, {count} VAE decodes"
+         if count else f"{nfe} transformer NFE and one VAE decode per clip (count known once the prompts exist)"),
         ("saves", ", ".join(["mp4"] + ["latents"] * r.save_latents + ["noise"] * r.save_noise)),
     ]
     p.facts.update(num_items=count, num_shards=shards, latent_shape=latent, nfe_per_clip=nfe)

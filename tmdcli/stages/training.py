@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmdcli.api import STUDENT_EXPORT_DIR
-from tmdcli.artifacts.store import Artifact, Staging, Store
+from tmdcli.artifacts.store import Artifact, Staging, Store, is_planned
 from tmdcli.errors import ArtifactError, UsageError
 from tmdcli.stages.common import NOT_IDENTITY, Runtime
 from tmdcli.stages.synth_videos import resolve_input, teacher_entry, teacher_folder
@@ -49,7 +49,7 @@ def check_run_options(cfg: TrainingOptions) -> None:
     for flag, value, low in (("--iters", cfg.iters, 1), ("--batch", cfg.batch, 1), ("--micro-batch", cfg.micro_batch, 1),
                              ("--save-every", cfg.save_every, 1), ("--log-every", cfg.log_every, 1),
                              ("--sample-every", cfg.sample_every, 0), ("--num-sample-prompts", cfg.num_sample_prompts, 0)):
-        if value < low:
+        if value is not None and value < low:  # None: a stage default resolved later
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise UsageError(f"--lr must be > 0, got {cfg.lr}")
@@ -74,7 +74,14 @@ class TrainingInputs:
     folder: Path | None
     config: dict  # transformer config
     latent_shape: list[int]
-    num_items: int
+    num_items: int  # 0 when the latents are only planned (dry-run chain)
+    text_tokens: int = 512
+
+    def data_row(self) -> tuple[str, str]:
+        shape = "x".join(map(str, self.latent_shape))
+        if is_planned(self.latents):
+            return "data", f"latents not made yet (the encode-latents plan above); {shape} at the teacher's size"
+        return "data", f"{self.num_items} latents {shape} from {self.latents.id}"
 
     @property
     def num_blocks(self) -> int:
@@ -84,6 +91,20 @@ class TrainingInputs:
 def resolve_training_inputs(store: Store, latents_ref: str, teacher: str) -> TrainingInputs:
     """The latents artifact and the teacher, checked against each other (exit 2 with what does not fit)."""
     latents = resolve_input(store, latents_ref, "latents", "--latents")
+    if is_planned(latents):  # a dry-run chain: the latents come from encode-latents above
+        if not teacher:
+            raise UsageError("no latents artifact yet, so the teacher cannot be taken from it",
+                             hint="pass --teacher (recipes always do)")
+        entry = teacher_entry(teacher)
+        folder = teacher_folder(entry)
+        config = transformer_config(entry, folder)
+        from tmdcli.registry import teacher_defaults
+        from tmdcli.stages.synth_videos import check_video_size, size_rules
+
+        d = teacher_defaults(entry)
+        shape = check_video_size(d.num_frames, d.height, d.width, size_rules(folder), f"teacher {entry.name}")
+        return TrainingInputs(latents=latents, entry=entry, folder=folder, config=config, latent_shape=list(shape),
+                              num_items=0, text_tokens=d.max_sequence_length)
     facts = latents.manifest.facts or {}
     if "latent_shape" not in facts or not facts.get("num_items"):
         raise ArtifactError(f"latents artifact {latents.id} holds no items (or does not say its latent shape)",
@@ -107,7 +128,7 @@ def resolve_training_inputs(store: Store, latents_ref: str, teacher: str) -> Tra
         print(f"note: latents {latents.id} were made with {facts['teacher']}, training with {entry.name}",
               file=sys.stderr)
     return TrainingInputs(latents=latents, entry=entry, folder=folder, config=config, latent_shape=shape,
-                          num_items=int(facts["num_items"]))
+                          num_items=int(facts["num_items"]), text_tokens=int(facts.get("max_sequence_length", 512)))
 
 
 def check_head_blocks(num_head_blocks: int, num_blocks: int, teacher: str) -> None:

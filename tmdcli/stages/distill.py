@@ -1,0 +1,438 @@
+"""`tmd distill`: Stage 2 of TMD, DMD2-v with flow-head rollout (TMD Sec. 3.2, App. A.3; METHOD.md section 5),
+and the DMD2-v baselines (`--method dmd2v`, with an optional KD warm-up for one step, METHOD.md 5.4).
+
+Networks: the student (trained; a pretrain-head student for `tmd`, a copy of the teacher for `dmd2v`), the frozen
+teacher (CFG 5 in x0 space; its block features feed the discriminator), the fake score (a trained copy of the
+teacher) and the discriminator heads. Alternation (D11): iteration k trains the student when k % 5 == 0 and the
+fake score + discriminator otherwise; iteration counts include critic iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, replace
+
+from tmdcli.artifacts.store import Artifact, Staging, Store
+from tmdcli.errors import ArtifactError, UsageError
+from tmdcli.stages.common import NOT_IDENTITY, Plan, Runtime
+from tmdcli.stages.synth_videos import external_model
+from tmdcli.stages.training import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    SAMPLES_DIR,
+    TrainingOptions,
+    check_head_blocks,
+    check_run_options,
+    default_lr,
+    finish_student,
+    make_validator,
+    resolve_training_inputs,
+    run_setup,
+)
+
+STAGE, STAGE_VERSION, OUTPUT_KIND = "distill", 1, "student"
+DATA_PARALLEL = False  # ranks train one model together; rank 0 commits
+METHODS = ("tmd", "dmd2v")
+KD_CHECKPOINT_DIR = "checkpoints-kd"
+DIVERSITY_ALARM = 0.5  # warn when the student's seed diversity falls below this fraction of the teacher's
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(TrainingOptions):
+    method: str = "tmd"
+    num_outer_steps: int = 2  # M
+    num_inner_steps: int = 2  # N (1 for dmd2v)
+    num_head_blocks: int = 5  # H (unused by dmd2v)
+    outer_gamma: float = 10.0
+    init: str | None = field(default=None, metadata=NOT_IDENTITY)  # the init's fingerprint is what counts
+    iters: int | None = None  # default: TMD Table 7 by model size and M
+    guidance_scale: float = 5.0
+    gan_weight: float = 0.03
+    t_gamma: float = 5.0
+    student_every: int = 5
+    rollout: bool = True
+    disc_layers: tuple[int, ...] | None = None
+    kd_warmup: int = 0  # KD iterations before DMD (one-step DMD2-v only)
+    kd_lr: float = 7e-5
+    diversity_seeds: int = field(default=4, metadata=NOT_IDENTITY)
+
+
+def default_iters(num_blocks: int, num_outer_steps: int) -> int:
+    """TMD Table 7: 1.3B 4k (M >= 2) / 12k (M = 1); 14B (40 blocks) 1k / 5k."""
+    if num_blocks >= 40:
+        return 5000 if num_outer_steps == 1 else 1000
+    return 12000 if num_outer_steps == 1 else 4000
+
+
+def find_init(store: Store, ref: str | None, teacher: str, m: int, n: int, h: int) -> Artifact:
+    """`--init REF`, or the newest pretrain-head student of this teacher with the same M, N, H."""
+    if ref is not None:
+        artifact = store.resolve(ref, kind="student")
+        facts = artifact.manifest.facts or {}
+        got = (facts.get("teacher"), facts.get("num_outer_steps"), facts.get("num_inner_steps"),
+               facts.get("num_head_blocks"))
+        if got != (teacher, m, n, h):
+            raise UsageError(f"--init {artifact.id} is a student of {got[0]} with M{got[1]} N{got[2]} H{got[3]}, not "
+                             f"{teacher} M{m} N{n} H{h}", hint="pick a matching student or change --m/--n/--h")
+        return artifact
+    for artifact in sorted(store.list("student"), key=lambda a: a.created_at, reverse=True):
+        f = artifact.manifest.facts or {}
+        if (artifact.manifest.stage == "pretrain-head" and f.get("teacher") == teacher
+                and (f.get("num_outer_steps"), f.get("num_inner_steps"), f.get("num_head_blocks")) == (m, n, h)):
+            return artifact
+    if store.plan_missing_inputs:  # a dry-run chain: the pretrain-head plan above makes it
+        from tmdcli.artifacts.store import PlannedInput
+
+        return PlannedInput("student")
+    raise ArtifactError(f"no pretrain-head student of {teacher} with M{m} N{n} H{h} in {store.home}",
+                        hint=f"make one with `tmd pretrain-head --teacher {teacher} --m {m} --n {n} --h {h}`, "
+                             f"pass --init REF, or train the baseline with --method dmd2v")
+
+
+def _check(cfg: DistillConfig) -> None:
+    check_run_options(cfg)
+    if cfg.method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    if cfg.num_outer_steps < 1 or cfg.num_inner_steps < 1:
+        raise UsageError(f"--m and --n must be >= 1, got {cfg.num_outer_steps} and {cfg.num_inner_steps}")
+    if cfg.student_every < 2:
+        raise UsageError(f"--student-every must be >= 2 (critic iterations in between), got {cfg.student_every}")
+    if cfg.guidance_scale < 1 or cfg.gan_weight < 0 or cfg.t_gamma < 1:
+        raise UsageError("need --guidance-scale >= 1, --gan-weight >= 0 and --t-gamma >= 1")
+    if cfg.kd_warmup < 0:
+        raise UsageError(f"--kd-warmup must be >= 0, got {cfg.kd_warmup}")
+    if cfg.kd_warmup and (cfg.method != "dmd2v" or cfg.num_outer_steps != 1):
+        raise UsageError("--kd-warmup is for the one-step DMD2-v baseline only (--method dmd2v --m 1)",
+                         hint="TMD needs no KD warm-up (Stage 1 replaces it); multi-step DMD2-v is hurt by it "
+                              "(TMD Table 4)")
+
+
+def plan(cfg: DistillConfig, store: Store) -> Plan:
+    from tmdcli.models.discriminator import count_parameters, default_disc_layers, discriminator_config_for
+    from tmdcli.objectives.grids import outer_grid
+    from tmdcli.runtime.dist import dist_info
+    from tmdcli.runtime.estimates import WanShape, dmd_estimate
+
+    _check(cfg)
+    inputs = resolve_training_inputs(store, cfg.latents, cfg.teacher)
+    entry, L = inputs.entry, inputs.num_blocks
+    m = cfg.num_outer_steps
+    n, h = (1, 1) if cfg.method == "dmd2v" else (cfg.num_inner_steps, cfg.num_head_blocks)
+    check_head_blocks(h, L, entry.name)
+    layers = tuple(cfg.disc_layers or entry.disc_layers or default_disc_layers(L))
+    if any(not 0 <= k < L for k in layers):
+        raise UsageError(f"--disc-layers {layers}: {entry.name} has blocks 0..{L - 1}")
+    init = find_init(store, cfg.init, entry.name, m, n, h) if cfg.method == "tmd" else None
+    r = replace(cfg, teacher=entry.name, num_inner_steps=n, num_head_blocks=h, disc_layers=layers,
+                iters=cfg.iters if cfg.iters is not None else default_iters(L, m),
+                lr=cfg.lr if cfg.lr is not None else default_lr(entry, STAGE))
+    if r.iters < 1:
+        raise UsageError(f"--iters must be >= 1, got {r.iters}")
+    world = dist_info().world_size
+    shape = WanShape.from_config(inputs.config)
+    disc_cfg = discriminator_config_for(inputs.config, layers)
+    estimate = dmd_estimate(shape, inputs.latent_shape, num_head_blocks=h, num_inner_steps=n, method=r.method,
+                            discriminator_params=count_parameters(disc_cfg), last_disc_layer=max(layers),
+                            batch=r.batch, micro_batch=r.micro_batch, world_size=world, checkpointing=r.checkpointing,
+                            student_every=r.student_every,
+                            text_tokens=inputs.text_tokens)
+    artifacts = [("latents", inputs.latents)] + ([("init", init)] if init is not None else [])
+    p = Plan.build(store, stage=STAGE, stage_version=STAGE_VERSION, kind=OUTPUT_KIND, cfg=r, inputs=artifacts,
+                   external_models=[external_model(entry, inputs.folder)], name=r.name)
+    from tmdcli.objectives.grids import effective_nfe
+
+    nfe = float(m) if r.method == "dmd2v" else effective_nfe(m, n, h, L)
+    accum = r.batch // max(1, r.micro_batch * world)
+    p.rows += [
+        ("teacher", f"{entry.name}: L = {L} blocks, D = {shape.dim}; CFG {r.guidance_scale} in x0 space"),
+        ("student", (f"TMD M{m} N{n} H{h} from {init.id}" if init is not None else f"DMD2-v M{m} from the teacher")
+         + f", effective NFE {nfe:.3g}; outer grid {[round(v, 3) for v in outer_grid(m, r.outer_gamma)]}"
+         + ("" if r.method == "dmd2v" else f"; rollout {'through all N steps' if r.rollout else 'off (detached)'}")),
+        ("critics", f"fake score (teacher copy) + discriminator on blocks {layers} "
+                    f"({count_parameters(disc_cfg) / 1e6:.1f}M), GAN weight {r.gan_weight}, t_dmd shift {r.t_gamma}"),
+        ("schedule", f"{r.iters} iterations (student every {r.student_every}th) x batch {r.batch} ({r.micro_batch}/GPU x"
+                     f" {world} GPU(s) x {accum} accumulation), AdamW lr {r.lr:g}"
+                     + (f"; KD warm-up {r.kd_warmup} iterations at lr {r.kd_lr:g}" if r.kd_warmup else "")),
+        inputs.data_row(),
+        *estimate.rows(r.checkpointing),
+    ]
+    p.facts.update(num_blocks=L, latent_shape=inputs.latent_shape, effective_nfe=nfe, estimate=estimate.__dict__)
+    return p
+
+
+def run(cfg: DistillConfig, plan: Plan, staging: Staging, rt: Runtime) -> Artifact | None:
+    import copy
+
+    import torch
+
+    from tmdcli.data.loaders import LatentLoader
+    from tmdcli.models.discriminator import discriminator_for
+    from tmdcli.models.student import StudentConfig, TMDStudent
+    from tmdcli.objectives.dmd import DMDParams, critic_step_loss, is_student_iteration, student_step_loss
+    from tmdcli.registry import load_teacher, resolve_teacher, teacher_defaults
+    from tmdcli.runtime.train_loop import LoopConfig, MetricsLog, make_adamw, run_loop
+
+    cfg = DistillConfig(**{**plan.config, "disc_layers": tuple(plan.config["disc_layers"])})
+    setup = run_setup(rt)
+    dev = setup.device
+    inputs = dict(plan.inputs)
+    latents = inputs["latents"]
+    frozen_dtype = "bfloat16" if dev.type == "cuda" else "float32"  # frozen: no master copy needed
+    teacher = load_teacher(cfg.teacher, device=str(dev), dtype=frozen_dtype, parts=("transformer", "vae"))
+    teacher_net = teacher.transformer.requires_grad_(False).eval()
+    fake_score = copy.deepcopy(teacher_net).float().requires_grad_(True).train()
+    if cfg.method == "tmd":
+        from tmdcli.api import STUDENT_EXPORT_DIR
+
+        student = TMDStudent.load(inputs["init"].path / STUDENT_EXPORT_DIR, device=dev, dtype=torch.float32)
+        student.config = replace(student.config, method="tmd")
+    else:
+        scfg = StudentConfig(num_outer_steps=cfg.num_outer_steps, num_inner_steps=1, num_head_blocks=1,
+                             outer_gamma=cfg.outer_gamma, method="dmd2v", teacher=cfg.teacher)
+        student = TMDStudent.from_teacher(copy.deepcopy(teacher_net).float(), scfg, seed=cfg.seed).to(dev)
+        student.extras.requires_grad_(False)  # DMD2-v has no flow head; its extras stay inert and untrained
+    student.transformer.requires_grad_(True)
+    student.checkpointing = cfg.checkpointing
+    student.train()
+    discriminator = discriminator_for(teacher_net.config, cfg.disc_layers, seed=cfg.seed).to(dev).float()
+    params = DMDParams(outer_grid=tuple(student.config.outer_grid()), disc_layers=cfg.disc_layers,
+                       guidance_scale=cfg.guidance_scale, gan_weight=cfg.gan_weight, t_gamma=cfg.t_gamma,
+                       rollout=cfg.rollout)
+
+    class StudentObjective(torch.nn.Module):
+        """The student's loss; the other networks are held by reference (not registered: DDP/FSDP wrap only the
+        trained network of each objective)."""
+
+        def __init__(self):
+            super().__init__()
+            self.student = student
+
+        def forward(self, batch, generator):
+            fake_score.requires_grad_(False)
+            discriminator.requires_grad_(False).eval()
+            return student_step_loss(self.student, teacher_net, fake_score, discriminator, batch, generator, params)
+
+    class CriticObjective(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fake_score = fake_score
+            self.discriminator = discriminator
+
+        def forward(self, batch, generator):
+            self.fake_score.requires_grad_(True)
+            self.discriminator.requires_grad_(True).train()
+            return critic_step_loss(student, teacher_net, self.fake_score, self.discriminator, batch, generator,
+                                    params)
+
+    student_obj, critic_obj = StudentObjective(), CriticObjective()
+    opt_student = make_adamw([p for p in student_obj.parameters() if p.requires_grad], cfg.lr)
+    opt_critic = make_adamw(critic_obj.parameters(), cfg.lr)  # fake score and discriminator: lr 1e-5 each
+    acc = setup.accelerator
+    student_obj, critic_obj, opt_student, opt_critic = acc.prepare(student_obj, critic_obj, opt_student, opt_critic)
+    loader = LatentLoader(latents, batch_size=cfg.micro_batch, seed=cfg.seed, rank=setup.rank,
+                          world_size=setup.world_size, device=dev)
+    metrics = MetricsLog(staging.path / METRICS_FILE, enabled=setup.is_main, backend=cfg.log_to,
+                         run_config=plan.config)
+    defaults = teacher_defaults(resolve_teacher(cfg.teacher))
+    sampler_validate = make_validator(student, teacher.vae, loader, staging, num_prompts=cfg.num_sample_prompts,
+                                      fps=defaults.fps, latent_shape=plan.facts["latent_shape"], is_main=setup.is_main,
+                                      console=rt.console)
+    diversity = DiversityAlarm(student, teacher_net, loader, staging, defaults, plan.facts["latent_shape"],
+                               cfg.diversity_seeds, cfg.guidance_scale, is_main=setup.is_main, console=rt.console)
+
+    def validate(iteration: int) -> None:
+        if sampler_validate is not None:
+            sampler_validate(iteration)
+        record = diversity.check(iteration)
+        if record:
+            metrics.write({"iteration": iteration, **record})
+
+    common = dict(loader=loader, device=dev, accelerator=acc, rank=setup.rank,
+                  world_size=setup.world_size, is_main=setup.is_main, console=rt.console, run_identity=plan.fingerprint)
+    try:
+        if cfg.kd_warmup:  # its own checkpoints and metrics file: resuming it never touches the DMD records
+            kd_metrics = MetricsLog(staging.path / "metrics-kd.jsonl", enabled=setup.is_main)
+            kd_warmup(cfg, student, student_obj, latents, staging, setup, dict(common, metrics=kd_metrics))
+        loop = LoopConfig(iters=cfg.iters, batch=cfg.batch, micro_batch=cfg.micro_batch, save_every=cfg.save_every,
+                          log_every=cfg.log_every, sample_every=cfg.sample_every, stop_after=cfg.stop_after,
+                          seed=cfg.seed)
+
+        def step_fn(it, batch, generator):
+            objective = student_obj if is_student_iteration(it, cfg.student_every) else critic_obj
+            return objective(batch, generator)
+
+        result = run_loop(loop, modules={"student": student_obj, "critic": critic_obj},
+                          optimizers={"student": opt_student, "critic": opt_critic}, step_fn=step_fn,
+                          schedule=lambda it: ("student",) if is_student_iteration(it, cfg.student_every)
+                          else ("critic",),
+                          ckpt_root=staging.path / CHECKPOINT_DIR, grad_clip={"student": cfg.grad_clip},
+                          validate=validate, metrics=metrics, desc=f"distill {plan.output_id}", **common)
+    finally:
+        metrics.close()
+    if not result.finished:
+        rt.console.print(f"stopped after iteration {result.iteration} of {cfg.iters} (checkpointed); rerun the same "
+                         f"command without --stop-after to continue")
+        return None
+    from tmdcli.runtime.checkpoint import model_state
+
+    state = {k.removeprefix("student."): v for k, v in model_state(student_obj).items()}
+    facts = {"teacher": cfg.teacher, "method": cfg.method, "stage": STAGE, "num_outer_steps": cfg.num_outer_steps,
+             "num_inner_steps": cfg.num_inner_steps, "num_head_blocks": cfg.num_head_blocks,
+             "num_blocks": plan.facts["num_blocks"], "effective_nfe": plan.facts["effective_nfe"],
+             "rollout": cfg.rollout, "latents": latents.id, "init": inputs["init"].id if "init" in inputs else None,
+             "final_terms": result.last_terms, "world_size": setup.world_size,
+             "diversity": diversity.last, "kd_warmup": cfg.kd_warmup}
+    metadata = {"stage": STAGE, "method": cfg.method, "latents": latents.id, "iterations": result.iteration}
+    return finish_student(staging, student, state, facts=facts,
+                          stats={"iterations": result.iteration, "seconds": round(result.seconds, 3)},
+                          is_main=setup.is_main, metadata=metadata)
+
+
+class DiversityAlarm:
+    """Mode-collapse alarm (TMD Fig. 9: VBench misses it): the student's seed diversity on the first prompt,
+    against the teacher's (its own 50-step CFG sampler, computed once and kept in the artifact).
+
+    Diversity = mean pairwise RMS distance between the latents of different seeds for the same prompt."""
+
+    def __init__(self, student, teacher_net, loader, staging, defaults, latent_shape, num_seeds: int,
+                 guidance_scale: float, *, is_main: bool, console=None):
+        self.student, self.teacher_net, self.loader, self.staging = student, teacher_net, loader, staging
+        self.defaults, self.latent_shape, self.num_seeds = defaults, list(latent_shape), num_seeds
+        self.guidance_scale, self.is_main, self.console = guidance_scale, is_main, console
+        self.last: dict | None = None
+
+    @staticmethod
+    def pairwise_rms(latents) -> float:
+        import torch
+
+        flat = latents.flatten(1).double()
+        d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+        k = flat.shape[0]
+        return float(d.sum() / (k * (k - 1)))
+
+    def _latents(self, sample_fn):
+        import torch
+
+        from tmdcli.sampler import generators_for, randn_per_sample
+
+        item = self.loader.first_items(1)
+        seeds = list(range(100, 100 + self.num_seeds))
+        text = item["text"].expand(self.num_seeds, -1, -1)
+        noise = randn_per_sample(self.latent_shape, generators_for(seeds), device=text.device)
+        with torch.no_grad():
+            return sample_fn(noise, text, item["negative"].expand(self.num_seeds, -1, -1), seeds)
+
+    def teacher_diversity(self) -> float:
+        name = f"{SAMPLES_DIR}/teacher_diversity.json"
+        path = self.staging.path / name
+        if path.is_file():
+            return json.loads(path.read_text())["diversity"]
+        from tmdcli.models import wan
+        from tmdcli.sampler import sample_teacher
+
+        def run(noise, text, neg, seeds):
+            def v(x, t):
+                return wan.guided_velocity(self.teacher_net, x.to(self.teacher_net.dtype), t,
+                                           text.to(self.teacher_net.dtype), neg.to(self.teacher_net.dtype),
+                                           self.defaults.guidance_scale).float()
+
+            return sample_teacher(v, noise, num_steps=self.defaults.num_steps, flow_shift=self.defaults.flow_shift,
+                                  sampler=self.defaults.sampler)
+
+        value = self.pairwise_rms(self._latents(run))
+        if self.is_main:
+            self.staging.write_bytes(name, json.dumps({"diversity": value, "seeds": self.num_seeds,
+                                                       "steps": self.defaults.num_steps}).encode())
+        return value
+
+    def check(self, iteration: int) -> dict | None:
+        if self.num_seeds < 2:
+            return None
+        from tmdcli.sampler import generators_for, sample_tmd
+
+        was = self.student.training
+        self.student.eval()
+        cfg = self.student.config
+        student_value = self.pairwise_rms(self._latents(
+            lambda noise, text, neg, seeds: sample_tmd(self.student, noise, text, outer_grid=cfg.outer_grid(),
+                                                       inner_grid=cfg.inner_grid(),
+                                                       generators=generators_for([s + 7 for s in seeds]))))
+        self.student.train(was)
+        reference = self.teacher_diversity()
+        ratio = student_value / max(reference, 1e-12)
+        self.last = {"seed_diversity": student_value, "teacher_seed_diversity": reference,
+                     "diversity_ratio": ratio}
+        if ratio < DIVERSITY_ALARM and self.is_main:
+            print(f"warning: possible mode collapse at iteration {iteration}: seed diversity {student_value:.4f} is "
+                  f"{ratio:.0%} of the teacher's {reference:.4f} (alarm below {DIVERSITY_ALARM:.0%}); look at the "
+                  f"validation samples", file=sys.stderr)
+        return self.last
+
+
+def kd_warmup(cfg: DistillConfig, student, student_obj, latents: Artifact, staging: Staging, setup, common) -> None:
+    """KD warm-up of the one-step DMD2-v baseline (METHOD.md 5.4): regress the one-step output at t = 0.999 from the
+    teacher's own noise onto the teacher's sample, `0.5 mse(x0_student(0.999 noise), sample)`; the (noise, sample)
+    pairs are the ones synth-videos saved with --save-noise (the videos artifact behind the latents)."""
+    import torch
+
+    from tmdcli.objectives.dmd import generator_sample
+    from tmdcli.runtime.train_loop import LoopConfig, make_adamw, run_loop
+
+    noise_of = NoiseLookup(latents)
+    opt = make_adamw([p for p in student_obj.parameters() if p.requires_grad], cfg.kd_lr)
+    opt = setup.accelerator.prepare(opt)
+
+    def step_fn(it, batch, generator):
+        noise = noise_of(batch["ids"]).to(batch["latents"].device)
+        t = torch.full((noise.shape[0],), 0.999, dtype=torch.float64, device=noise.device)
+        x_hat = generator_sample(student, 0.999 * noise, t, batch["text"], torch.zeros_like(noise))
+        loss = 0.5 * torch.nn.functional.mse_loss(x_hat.float(), batch["latents"].float())
+        return loss, {"kd": loss.detach()}
+
+    loop = LoopConfig(iters=cfg.kd_warmup, batch=cfg.batch, micro_batch=cfg.micro_batch, save_every=cfg.save_every,
+                      log_every=cfg.log_every, seed=cfg.seed + 1)
+    run_loop(loop, modules={"student": student_obj}, optimizers={"student": opt}, step_fn=step_fn,
+             schedule=lambda it: ("student",), ckpt_root=staging.path / KD_CHECKPOINT_DIR,
+             grad_clip={"student": cfg.grad_clip}, desc="kd warm-up", **common)
+
+
+class NoiseLookup:
+    """id -> the initial noise x_1 synth-videos drew for that item (`noise.<id>` in the videos shards)."""
+
+    def __init__(self, latents: Artifact):
+        from tmdcli.artifacts.store import load_artifact
+        from tmdcli.data.shards import shard_files
+
+        videos_entry = next((i for i in latents.manifest.inputs if i.get("kind") == "videos"), None)
+        path = latents.path.parent.parent / "videos" / videos_entry["id"] if videos_entry else None
+        if path is None or not path.is_dir():
+            raise ArtifactError(f"the videos artifact behind {latents.id} is not in this home",
+                                hint="KD needs the teacher's (noise, sample) pairs from `tmd synth-videos --save-noise`")
+        self.videos = load_artifact(path)
+        if not (self.videos.manifest.facts or {}).get("has_noise"):
+            raise UsageError(f"videos {self.videos.id} holds no noise: KD warm-up needs the teacher's noise/sample "
+                             f"pairs", hint="remake the videos with `tmd synth-videos --save-noise`")
+        self.shards = [self.videos.file(rel) for _, rel in shard_files(self.videos.manifest.files, "videos")]
+        self._cache: dict[int, object] = {}
+
+    def __call__(self, ids):
+        import torch
+
+        from tmdcli.data.shards import VideosShard
+
+        out = []
+        for i in ids.tolist():
+            if i not in self._cache:
+                self._cache.clear()  # hold one shard's noise at a time
+                for shard_path in self.shards:
+                    with VideosShard(shard_path) as shard:
+                        tensors = shard.tensors()
+                    if f"noise.{i}" in tensors:
+                        self._cache.update({int(k.split(".")[1]): v for k, v in tensors.items()
+                                            if k.startswith("noise.")})
+                        break
+            if i not in self._cache:
+                raise ArtifactError(f"no saved noise for item {i} in {self.videos.id}")
+            out.append(self._cache[i].float())
+        return torch.stack(out)
