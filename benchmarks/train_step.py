@@ -106,6 +106,78 @@ def bench_pretrain(args, device) -> list[dict]:
     return rows
 
 
+def bench_distill(args, device) -> list[dict]:
+    """Student step (rollout with N inner steps, and with N = 1 for the rollout overhead) and critic step."""
+    import copy
+
+    from tmdcli.models.discriminator import default_disc_layers, discriminator_config_for, count_parameters, \
+        discriminator_for
+    from tmdcli.objectives.dmd import DMDParams, critic_step_loss, student_step_loss
+    from tmdcli.runtime.estimates import WanShape, dmd_estimate
+    from tmdcli.runtime.train_loop import make_adamw, micro_batch_generator
+
+    student, tc, latent, text_shape, cfg = build_student(args.config, device, args.h)
+    teacher = copy.deepcopy(student.transformer).requires_grad_(False)
+    if device.type == "cuda":
+        teacher = teacher.to(torch.bfloat16)
+    fake = copy.deepcopy(student.transformer)
+    layers = default_disc_layers(tc["num_layers"])
+    disc = discriminator_for(tc, layers).to(device)
+    shape = WanShape.from_config(tc)
+    g = torch.Generator(device=device).manual_seed(0)
+    batch = {"latents": torch.randn(1, *latent, device=device, generator=g),
+             "text": torch.randn(1, *text_shape, device=device, generator=g),
+             "negative": torch.randn(1, *text_shape, device=device, generator=g)}
+    params = DMDParams(outer_grid=tuple(cfg.outer_grid()), disc_layers=tuple(layers))
+    opt_s = make_adamw(student.parameters(), 1e-5)
+    opt_c = make_adamw(list(fake.parameters()) + list(disc.parameters()), 1e-5)
+    rows = []
+    for checkpointing in args.checkpointing:
+        student.checkpointing = checkpointing
+        for step, inner in (("student", cfg.num_inner_steps), ("student", 1), ("critic", cfg.num_inner_steps)):
+            from dataclasses import replace
+
+            student.config = replace(student.config, num_inner_steps=inner)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for it in range(args.warmup + args.iters):
+                sync(device)
+                t0 = time.perf_counter()
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    gen = micro_batch_generator(0, it, 0, device)
+                    if step == "student":
+                        fake.requires_grad_(False), disc.requires_grad_(False).eval()
+                        loss, _ = student_step_loss(student, teacher, fake, disc, batch, gen, params)
+                    else:
+                        fake.requires_grad_(True), disc.requires_grad_(True).train()
+                        loss, _ = critic_step_loss(student, teacher, fake, disc, batch, gen, params)
+                loss.backward()
+                opt = opt_s if step == "student" else opt_c
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync(device)
+                if it >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            est = dmd_estimate(shape, latent, num_head_blocks=cfg.num_head_blocks, num_inner_steps=inner,
+                               method="tmd", discriminator_params=count_parameters(discriminator_config_for(tc, layers)),
+                               last_disc_layer=max(layers), batch=1, micro_batch=1, world_size=1,
+                               checkpointing=checkpointing, text_tokens=text_shape[0])
+            mean = sum(times) / len(times)
+            rows.append({"stage": "distill", "step": step, "inner_steps": inner, "checkpointing": checkpointing,
+                         "s_per_iter_mean": mean, "s_per_iter_min": min(times), "iters": len(times),
+                         "peak_gib": peak_bytes(device) / 1024**3, "estimated_peak_gib": est.peak_gib})
+            print(json.dumps(rows[-1]), flush=True)
+        by = {(r["step"], r["inner_steps"]): r["s_per_iter_mean"] for r in rows if r["checkpointing"] == checkpointing}
+        n = cfg.num_inner_steps
+        overhead = by[("student", n)] / by[("student", 1)] - 1.0
+        rows.append({"stage": "distill", "rollout_overhead_vs_n1": overhead, "inner_steps": n,
+                     "checkpointing": checkpointing})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=("tiny", "toy", "wan1.3b"), default="tiny")
@@ -114,12 +186,16 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--checkpointing", default="off,on", help="comma list of off/on")
-    p.add_argument("--stage", default="pretrain-head", choices=("pretrain-head",))
+    p.add_argument("--stage", default="pretrain-head", choices=("pretrain-head", "distill", "both"))
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.checkpointing = [c.strip() == "on" for c in args.checkpointing.split(",")]
     device = torch.device(args.device)
-    rows = bench_pretrain(args, device)
+    rows = []
+    if args.stage in ("pretrain-head", "both"):
+        rows += bench_pretrain(args, device)
+    if args.stage in ("distill", "both"):
+        rows += bench_distill(args, device)
     info = {"benchmark": "train_step", "config": args.config, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "results": rows}

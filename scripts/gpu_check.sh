@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One device call (an H100/H200 with no network): the full-size sampling benchmark, then the toy bundle training.
+# One device call (an H100/H200 with no network): full-size training-step benchmarks (Stage 1 and Stage 2, 1.3B
+# shapes, random weights), the full-size sampling benchmark, then the toy bundle training. SKIP_TRAIN_STEP=1,
+# SKIP_SAMPLE=1 or SKIP_TOY=1 leave a part out.
 # Expects diffusers (and importlib_metadata) wheels in .whl/ (see the device README); writes everything under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/tmd-gpu-out}
@@ -10,14 +12,29 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONU
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 } > "$OUT/gpu.txt" 2>&1
+if [ -z "${SKIP_TRAIN_STEP:-}" ]; then
+  start=$(date +%s)
+  # Stage 1 with checkpointing off and on; Stage 2 only with it on (off needs ~2.6 GiB per block of activations)
+  timeout "${STEP_TIMEOUT:-200}" python3 benchmarks/train_step.py --config wan1.3b --device cuda --stage pretrain-head \
+    --iters 3 --warmup 1 --checkpointing off,on --out "$OUT/train_step_pretrain_gpu.json" > "$OUT/train_step.log" 2>&1
+  echo "train_step pretrain rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
+  start=$(date +%s)
+  timeout "${STEP_TIMEOUT:-200}" python3 benchmarks/train_step.py --config wan1.3b --device cuda --stage distill \
+    --iters 2 --warmup 1 --checkpointing on --out "$OUT/train_step_distill_gpu.json" >> "$OUT/train_step.log" 2>&1
+  echo "train_step distill rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
+fi
+[ -n "${SKIP_SAMPLE:-}" ] || {
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/sample_speed.py --config wan1.3b --device cuda \
   --teacher-measure-steps 3 --repeats 2 --students "2,2,5;2,4,5;1,2,5;1,4,5" --out "$OUT/sample_speed_gpu.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
+}
+[ -n "${SKIP_TOY:-}" ] || {
 start=$(date +%s)
 timeout "${TRAIN_TIMEOUT:-430}" python3 -m tmdcli.toy.train --out /tmp/toyrun --device cuda \
   --time-budget-s "${TRAIN_BUDGET:-300}" --vae-share "${VAE_SHARE:-0.3}" --eval-prompts 64 > "$OUT/train.log" 2>&1
 echo "train rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
 tar czf "$OUT/toy_run.tgz" -C /tmp/toyrun bundle summary.json 2>>"$OUT/gpu.txt"
+}
 cat "$OUT/gpu.txt"
-tail -5 "$OUT/bench.log" "$OUT/train.log"
+tail -5 "$OUT"/*.log

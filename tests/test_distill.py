@@ -267,3 +267,35 @@ def test_one_step_dmd2v_with_kd_warmup_on_saved_teacher_pairs(home, tmp_path):
     assert student.manifest.facts["kd_warmup"] == 3 and student.manifest.facts["effective_nfe"] == 1.0
     kd_lines = (student.path / "metrics-kd.jsonl").read_text().splitlines()
     assert len(kd_lines) >= 1 and '"kd"' in kd_lines[-1]
+    # the KD noise is redrawn from each clip's seed: it equals what synth-videos saved with --save-noise
+    from tmdcli.data.loaders import LatentLoader
+    from tmdcli.data.shards import VideosShard, shard_files
+    from tmdcli.sampler import generators_for, randn_per_sample
+
+    batch = LatentLoader(Store(home).resolve("latents:latest"), batch_size=1).first_items(2)
+    videos = Store(home).resolve("videos:latest")
+    with VideosShard(videos.file(shard_files(videos.manifest.files, "videos")[0][1])) as shard:
+        saved = shard.tensors()
+    redrawn = randn_per_sample(SHAPE, generators_for(batch["seeds"]))
+    for k, item_id in enumerate(batch["ids"].tolist()):
+        assert torch.equal(saved[f"noise.{item_id}"], redrawn[k])
+
+
+def test_mode_collapse_alarm_warns_when_student_seeds_give_the_same_video(home, capsys, monkeypatch):
+    import tmdcli.sampler
+    from tmdcli.artifacts.store import Store as _Store
+    from tmdcli.data.loaders import LatentLoader
+    from tmdcli.registry import REGISTRY, teacher_defaults
+
+    latents = write_tiny_latents(home)
+    staging = _Store(home).begin(kind="student", stage="distill", stage_version=1, config={}, identity_config={})
+    teacher, student = _students()
+    defaults = teacher_defaults(REGISTRY["tiny-random"])
+    alarm = DiversityAlarm(student, teacher, LatentLoader(latents, batch_size=1), staging,
+                           type(defaults)(**{**defaults.__dict__, "num_steps": 4}), SHAPE, 3, 5.0, is_main=True)
+    healthy = alarm.check(10)
+    assert healthy["teacher_seed_diversity"] > 0 and "mode collapse" not in capsys.readouterr().err
+    monkeypatch.setattr(tmdcli.sampler, "sample_tmd", lambda student, noise, *a, **k: torch.zeros_like(noise))
+    collapsed = alarm.check(20)
+    assert collapsed["diversity_ratio"] == 0.0
+    assert "possible mode collapse at iteration 20" in capsys.readouterr().err

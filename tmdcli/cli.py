@@ -371,8 +371,8 @@ def distill(
     outer_gamma: Annotated[float, typer.Option(help="Shift of the outer grid (5 for 4-step DMD2-v).")] = 10.0,
     disc_layers: Annotated[Optional[str], typer.Option(help="Teacher blocks feeding the discriminator heads, e.g. "
                                                            "15,22,29 (default per teacher, TMD Table 7).")] = None,
-    kd_warmup: Annotated[int, typer.Option(help="KD warm-up iterations first (one-step DMD2-v only; needs "
-                                                "synth-videos --save-noise).")] = 0,
+    kd_warmup: Annotated[int, typer.Option(help="KD warm-up iterations first (one-step DMD2-v only; the teacher's "
+                                                "noise is redrawn from each clip's seed).")] = 0,
     grad_clip: GradClipOpt = 10.0,
     save_every: SaveEveryOpt = 500,
     log_every: LogEveryOpt = 10,

@@ -43,6 +43,7 @@ class _Item:
     text_offset: int  # first row in the shard's concatenated text
     text_length: int
     prompt: str
+    seed: int | None  # the seed synth-videos drew the clip's noise from
 
 
 class LatentLoader:
@@ -81,8 +82,11 @@ class LatentLoader:
         for _, rel in shard_files(self.artifact.manifest.files, "latents"):
             meta = read_latents_meta(self.artifact.file(rel))
             offset = 0
-            for row, (item_id, length, prompt) in enumerate(zip(meta["ids"], meta["text_lengths"], meta["prompts"])):
-                items.append(_Item(int(item_id), len(self._paths), row, offset, int(length), prompt))
+            seeds = meta.get("seeds") or [None] * len(meta["ids"])
+            for row, (item_id, length, prompt, seed) in enumerate(zip(meta["ids"], meta["text_lengths"],
+                                                                      meta["prompts"], seeds)):
+                items.append(_Item(int(item_id), len(self._paths), row, offset, int(length), prompt,
+                                   None if seed is None else int(seed)))
                 offset += int(length)
             self._paths.append(self.artifact.file(rel))
             self.max_sequence_length = int(meta["max_sequence_length"])
@@ -193,6 +197,7 @@ class LatentLoader:
             "negative": negative.to(self.device),
             "ids": torch.tensor([it.id for it in items], dtype=torch.int64, device=self.device),
             "prompts": [it.prompt for it in items],
+            "seeds": [it.seed for it in items],
         }
 
 

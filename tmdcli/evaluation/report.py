@@ -236,31 +236,43 @@ def plot_quality_vs_nfe(results: dict, path: str | Path) -> Path:
 
 def _plot_toy(results: dict, path: Path, plt) -> Path:
     """Adherence (first panel), Frechet on analyzer features and seed diversity against effective NFE, one colour
-    per caption split; the reference model's value is a dashed line (0 for the Frechet distances)."""
+    per caption split; a star marks the reference model, whose value is a dashed line (0 for a Frechet distance)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
+
     models, reference = results["models"], results["models"][0]
     panels = [k for k in TOY_PLOT_METRICS if any(m["metrics"].get(k) is not None for m in models)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
     colours = {"train": "tab:blue", "heldout": "tab:orange"}
+    nfes = sorted({m["effective_nfe"] for m in models})
     for ax, key in zip(axes[0], panels):
         frechet = key.startswith("frechet_")
         for split in SPLITS:
-            points = [(m["effective_nfe"], m["splits"][split][key], j, m["label"]) for j, m in enumerate(models)
-                      if m.get("splits", {}).get(split, {}).get(key) is not None]
-            for n, (nfe, value, j, label) in enumerate(points):
-                ax.scatter([nfe], [value], s=40, zorder=3, color=colours[split], marker="*" if j == 0 else "o",
-                           label=f"{split} captions" if n == 0 else None)
+            for j, m in enumerate(models):
+                value = m.get("splits", {}).get(split, {}).get(key)
+                if value is None:
+                    continue
+                ax.scatter([m["effective_nfe"]], [value], s=60 if j == 0 else 36, zorder=3, color=colours[split],
+                           marker="*" if j == 0 else "o")
                 if split == "train":
-                    ax.annotate(label, (nfe, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                    ax.annotate(m["label"], (m["effective_nfe"], value), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
             ref = 0.0 if frechet else reference.get("splits", {}).get(split, {}).get(key)
             if ref is not None:
                 ax.axhline(ref, linestyle="--", linewidth=1, color="gray" if frechet else colours[split], alpha=0.7)
         name, better, _ = TOY_METRICS[key]
         ax.set_title(f"{name} ({better} is better)", fontsize=9)
+        if key == "adherence":
+            ax.set_ylim(-0.03, 1.03)
         ax.set_xscale("log")
+        ax.set_xticks(nfes, [fmt(n, 3) for n in nfes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("effective NFE")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"toy world: quality vs effective NFE (dashed: {reference['label']}, the reference)", fontsize=10)
+        ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color=c, label=f"{s} captions")
+                           for s, c in colours.items()], fontsize=7, loc="best")
+    fig.suptitle(f"toy world: quality vs effective NFE (star and dashed: {reference['label']}, the reference)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -27,20 +27,23 @@ TOY_METRICS: dict[str, tuple[str, str, str]] = {
         "share of clips in which the toy analyzer finds one clean object with the caption's colour, shape and "
         "motion on the caption's background"),
     "adherence_colour": (
-        "colour", "higher", "share of clips whose object colour (palette vote of its interior pixels) is the caption's"),
+        "colour", "higher",
+        "share of clips with a clean object whose colour (palette vote of its interior pixels) is the caption's"),
     "adherence_shape": (
         "shape", "higher",
-        "share of clips whose best-fitting template (circle, square, triangle, cross) is the caption's shape"),
+        "share of clips with a clean object whose best-fitting template (circle, square, triangle, cross) is the "
+        "caption's shape"),
     "adherence_motion": (
         "motion", "higher",
-        "share of clips whose object track, fitted with a line, moves in the caption's direction (left, right, up, "
-        "down; still below 0.225 px/frame)"),
+        "share of clips with a clean object whose track, fitted with a line, moves in the caption's direction (left, "
+        "right, up, down; still below 0.225 px/frame)"),
     "adherence_background": (
-        "background", "higher", "share of clips whose frame border is nearest the caption's background colour"),
+        "background", "higher",
+        "share of clips with a clean object whose frame border is nearest the caption's background colour"),
     "clean_object": (
         "clean", "higher",
-        "share of clips with exactly one compact object in at least 75% of frames; the attribute shares count "
-        "only such clips, a clip without one matches nothing"),
+        "share of clips with one clean object: a single compact object in at least 75% of frames that some shape "
+        "template fits; a clip without one matches nothing"),
     "frechet_analyzer_features": (
         "Frechet (analyzer)", "lower",
         "Frechet distance between Gaussians fitted to the analyzer's 22 features per clip (colours, clean flag, "

@@ -7,7 +7,10 @@ index 0 holding 0: `grid[i]` is `t_i` (outer) or `s_j` (inner), so `grid[-1]` is
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so plans that only need the grids stay torch-free
+    import torch
 
 T_MAX = 0.999  # t_M = s_N = 0.999 (TMD App. A fn. 2): the first input is (almost) pure noise.
 
@@ -63,6 +66,8 @@ def sample_shifted_uniform(batch: int, gamma: float, *, generator: torch.Generat
                            t_min: float = 0.001, t_max: float = T_MAX, device: str | torch.device = "cpu",
                            ) -> torch.Tensor:
     """`shift_gamma(U[t_min, t_max])` in float64 (TMD Table 7: t_dmd with gamma 5, s_mf with gamma 3)."""
+    import torch
+
     u = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
     t = shift(t_min + (t_max - t_min) * u, gamma)
     return t.clamp(t_min, t_max)

@@ -33,6 +33,23 @@ def dist_info() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local)
 
 
+def fsdp_enabled() -> bool:
+    """True under `accelerate launch` with an FSDP config (accelerate exports ACCELERATE_USE_FSDP to every rank), or
+    when a dry run is told to plan for one (TMD_PLAN_FSDP=1, set by the recipes' DRY_RUN)."""
+    return any(os.environ.get(k, "false").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "TMD_PLAN_FSDP"))
+
+
+def planned_world_size() -> int:
+    """Processes a plan is made for: the launch's, or TMD_PLAN_WORLD_SIZE in a plain dry run of a multi-GPU recipe."""
+    info = dist_info()
+    if info.world_size == 1 and os.environ.get("TMD_PLAN_WORLD_SIZE"):
+        try:
+            return max(1, int(os.environ["TMD_PLAN_WORLD_SIZE"]))
+        except ValueError:
+            raise UsageError(f"TMD_PLAN_WORLD_SIZE must be an integer, got {os.environ['TMD_PLAN_WORLD_SIZE']!r}")
+    return info.world_size
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """`--shard i/n` (0 <= i < n) -> (i, n); None -> (0, 1)."""
     if text is None:

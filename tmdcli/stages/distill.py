@@ -109,9 +109,9 @@ def _check(cfg: DistillConfig) -> None:
 
 
 def plan(cfg: DistillConfig, store: Store) -> Plan:
-    from tmdcli.models.discriminator import count_parameters, default_disc_layers, discriminator_config_for
+    from tmdcli.models.discriminator_config import count_parameters, default_disc_layers, discriminator_config_for
     from tmdcli.objectives.grids import outer_grid
-    from tmdcli.runtime.dist import dist_info
+    from tmdcli.runtime.dist import fsdp_enabled, planned_world_size
     from tmdcli.runtime.estimates import WanShape, dmd_estimate
 
     _check(cfg)
@@ -119,7 +119,8 @@ def plan(cfg: DistillConfig, store: Store) -> Plan:
     entry, L = inputs.entry, inputs.num_blocks
     m = cfg.num_outer_steps
     n, h = (1, 1) if cfg.method == "dmd2v" else (cfg.num_inner_steps, cfg.num_head_blocks)
-    check_head_blocks(h, L, entry.name)
+    notes: list = []
+    h = check_head_blocks(h, L, entry.name, notes)
     layers = tuple(cfg.disc_layers or entry.disc_layers or default_disc_layers(L))
     if any(not 0 <= k < L for k in layers):
         raise UsageError(f"--disc-layers {layers}: {entry.name} has blocks 0..{L - 1}")
@@ -129,13 +130,13 @@ def plan(cfg: DistillConfig, store: Store) -> Plan:
                 lr=cfg.lr if cfg.lr is not None else default_lr(entry, STAGE))
     if r.iters < 1:
         raise UsageError(f"--iters must be >= 1, got {r.iters}")
-    world = dist_info().world_size
+    world = planned_world_size()
     shape = WanShape.from_config(inputs.config)
     disc_cfg = discriminator_config_for(inputs.config, layers)
     estimate = dmd_estimate(shape, inputs.latent_shape, num_head_blocks=h, num_inner_steps=n, method=r.method,
                             discriminator_params=count_parameters(disc_cfg), last_disc_layer=max(layers),
                             batch=r.batch, micro_batch=r.micro_batch, world_size=world, checkpointing=r.checkpointing,
-                            student_every=r.student_every,
+                            sharded=fsdp_enabled(), student_every=r.student_every,
                             text_tokens=inputs.text_tokens)
     artifacts = [("latents", inputs.latents)] + ([("init", init)] if init is not None else [])
     p = Plan.build(store, stage=STAGE, stage_version=STAGE_VERSION, kind=OUTPUT_KIND, cfg=r, inputs=artifacts,
@@ -156,6 +157,7 @@ def plan(cfg: DistillConfig, store: Store) -> Plan:
                      + (f"; KD warm-up {r.kd_warmup} iterations at lr {r.kd_lr:g}" if r.kd_warmup else "")),
         inputs.data_row(),
         *estimate.rows(r.checkpointing),
+        *notes,
     ]
     p.facts.update(num_blocks=L, latent_shape=inputs.latent_shape, effective_nfe=nfe, estimate=estimate.__dict__)
     return p
@@ -372,22 +374,33 @@ class DiversityAlarm:
 
 def kd_warmup(cfg: DistillConfig, student, student_obj, latents: Artifact, staging: Staging, setup, common) -> None:
     """KD warm-up of the one-step DMD2-v baseline (METHOD.md 5.4): regress the one-step output at t = 0.999 from the
-    teacher's own noise onto the teacher's sample, `0.5 mse(x0_student(0.999 noise), sample)`; the (noise, sample)
-    pairs are the ones synth-videos saved with --save-noise (the videos artifact behind the latents)."""
+    teacher's own noise onto the teacher's sample, `0.5 mse(x0_student(0.999 noise), sample)`.
+
+    The pairs come from the latents artifact: each item's clean latent is the teacher's sample, and its noise is
+    redrawn from the item's seed exactly as synth-videos drew it (per-sample CPU generators), so nothing has to be
+    stored (synth-videos --save-noise keeps a copy, which a test compares against)."""
     import torch
 
     from tmdcli.objectives.dmd import generator_sample
     from tmdcli.runtime.train_loop import LoopConfig, make_adamw, run_loop
+    from tmdcli.sampler import generators_for, randn_per_sample
 
-    noise_of = NoiseLookup(latents)
-    opt = make_adamw([p for p in student_obj.parameters() if p.requires_grad], cfg.kd_lr)
-    opt = setup.accelerator.prepare(opt)
+    facts = latents.manifest.facts or {}
+    if facts.get("latents_reused", 0) < facts.get("num_items", 0):
+        print(f"note: {facts.get('num_items', 0) - facts.get('latents_reused', 0)} latents of {latents.id} were "
+              f"re-encoded from mp4 rather than saved by the sampler: their KD pairs are approximate",
+              file=sys.stderr)
+    opt = setup.accelerator.prepare(make_adamw([p for p in student_obj.parameters() if p.requires_grad], cfg.kd_lr))
 
     def step_fn(it, batch, generator):
-        noise = noise_of(batch["ids"]).to(batch["latents"].device)
-        t = torch.full((noise.shape[0],), 0.999, dtype=torch.float64, device=noise.device)
+        if any(s is None for s in batch["seeds"]):
+            raise ArtifactError(f"latents {latents.id} do not record the seeds of their clips",
+                                hint="remake them with this version's synth-videos and encode-latents")
+        x = batch["latents"].float()
+        noise = randn_per_sample(x.shape[1:], generators_for(batch["seeds"]), device=x.device)
+        t = torch.full((x.shape[0],), 0.999, dtype=torch.float64, device=x.device)
         x_hat = generator_sample(student, 0.999 * noise, t, batch["text"], torch.zeros_like(noise))
-        loss = 0.5 * torch.nn.functional.mse_loss(x_hat.float(), batch["latents"].float())
+        loss = 0.5 * torch.nn.functional.mse_loss(x_hat.float(), x)
         return loss, {"kd": loss.detach()}
 
     loop = LoopConfig(iters=cfg.kd_warmup, batch=cfg.batch, micro_batch=cfg.micro_batch, save_every=cfg.save_every,
@@ -395,44 +408,3 @@ def kd_warmup(cfg: DistillConfig, student, student_obj, latents: Artifact, stagi
     run_loop(loop, modules={"student": student_obj}, optimizers={"student": opt}, step_fn=step_fn,
              schedule=lambda it: ("student",), ckpt_root=staging.path / KD_CHECKPOINT_DIR,
              grad_clip={"student": cfg.grad_clip}, desc="kd warm-up", **common)
-
-
-class NoiseLookup:
-    """id -> the initial noise x_1 synth-videos drew for that item (`noise.<id>` in the videos shards)."""
-
-    def __init__(self, latents: Artifact):
-        from tmdcli.artifacts.store import load_artifact
-        from tmdcli.data.shards import shard_files
-
-        videos_entry = next((i for i in latents.manifest.inputs if i.get("kind") == "videos"), None)
-        path = latents.path.parent.parent / "videos" / videos_entry["id"] if videos_entry else None
-        if path is None or not path.is_dir():
-            raise ArtifactError(f"the videos artifact behind {latents.id} is not in this home",
-                                hint="KD needs the teacher's (noise, sample) pairs from `tmd synth-videos --save-noise`")
-        self.videos = load_artifact(path)
-        if not (self.videos.manifest.facts or {}).get("has_noise"):
-            raise UsageError(f"videos {self.videos.id} holds no noise: KD warm-up needs the teacher's noise/sample "
-                             f"pairs", hint="remake the videos with `tmd synth-videos --save-noise`")
-        self.shards = [self.videos.file(rel) for _, rel in shard_files(self.videos.manifest.files, "videos")]
-        self._cache: dict[int, object] = {}
-
-    def __call__(self, ids):
-        import torch
-
-        from tmdcli.data.shards import VideosShard
-
-        out = []
-        for i in ids.tolist():
-            if i not in self._cache:
-                self._cache.clear()  # hold one shard's noise at a time
-                for shard_path in self.shards:
-                    with VideosShard(shard_path) as shard:
-                        tensors = shard.tensors()
-                    if f"noise.{i}" in tensors:
-                        self._cache.update({int(k.split(".")[1]): v for k, v in tensors.items()
-                                            if k.startswith("noise.")})
-                        break
-            if i not in self._cache:
-                raise ArtifactError(f"no saved noise for item {i} in {self.videos.id}")
-            out.append(self._cache[i].float())
-        return torch.stack(out)

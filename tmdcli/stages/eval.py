@@ -3,9 +3,9 @@
 Suites: `quick` (offline VBench-style metrics, evaluation/metrics.py), `toy` (toy-grammar captions, seen and held
 out, read by the toy analyzer, evaluation/toy.py) and `vbench` (VBench in its own interpreter,
 evaluation/vbench_runner.py, after a preflight that runs before any video is made). A model `NAME@S` is teacher NAME
-sampled with its own sampler at S steps, so one run can set a teacher's 50 steps beside 1, 2 and 4. Samples go into the artifact's
-staging folder one file at a time, and VBench results one dimension at a time, so a rerun resumes and re-scores
-without regenerating. Output: results.json, report.md, quality_vs_nfe.png, gallery.html and samples/.
+sampled with its own sampler at S steps, so one run can set a teacher's 50 steps beside 1, 2 and 4. Samples go into
+the artifact's staging folder one file at a time, and VBench results one dimension at a time, so a rerun resumes and
+re-scores without regenerating. Output: results.json, report.md, quality_vs_nfe.png, gallery.html and samples/.
 """
 
 from __future__ import annotations

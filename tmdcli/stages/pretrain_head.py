@@ -79,18 +79,20 @@ def _check(cfg: PretrainHeadConfig) -> None:
 def plan(cfg: PretrainHeadConfig, store: Store) -> Plan:
     """Resolve latents and teacher, check they fit, fill defaults, estimate memory and compute (no torch)."""
     from tmdcli.objectives.grids import effective_nfe, inner_grid, outer_grid
-    from tmdcli.runtime.dist import dist_info
+    from tmdcli.runtime.dist import fsdp_enabled, planned_world_size
     from tmdcli.runtime.estimates import WanShape, tm_meanflow_estimate
 
     _check(cfg)
     inputs = resolve_training_inputs(store, cfg.latents, cfg.teacher)
-    check_head_blocks(cfg.num_head_blocks, inputs.num_blocks, inputs.entry.name)
+    notes: list = []
+    cfg = replace(cfg, num_head_blocks=check_head_blocks(cfg.num_head_blocks, inputs.num_blocks, inputs.entry.name,
+                                                         notes))
     r = resolve(cfg, inputs.entry, inputs.num_blocks)
-    world = dist_info().world_size
+    world = planned_world_size()
     shape = WanShape.from_config(inputs.config)
     estimate = tm_meanflow_estimate(shape, inputs.latent_shape, num_head_blocks=r.num_head_blocks, batch=r.batch,
                                     micro_batch=r.micro_batch, world_size=world, checkpointing=r.checkpointing,
-                                    cfg_scale=r.cfg_scale, r_equals_s_prob=r.r_equals_s_prob, fusion=r.fusion,
+                                    sharded=fsdp_enabled(), cfg_scale=r.cfg_scale, r_equals_s_prob=r.r_equals_s_prob, fusion=r.fusion,
                                     text_tokens=inputs.text_tokens)
     nfe = effective_nfe(r.num_outer_steps, r.num_inner_steps, r.num_head_blocks, inputs.num_blocks)
     p = Plan.build(store, stage=STAGE, stage_version=STAGE_VERSION, kind=OUTPUT_KIND, cfg=r,
@@ -109,6 +111,7 @@ def plan(cfg: PretrainHeadConfig, store: Store) -> Plan:
         ("schedule", f"{r.iters} iterations x batch {r.batch} ({r.micro_batch}/GPU x {world} GPU(s) x {accum} "
                      f"accumulation), AdamW lr {r.lr:g}, clip {r.grad_clip}; checkpoint every {r.save_every}"),
         *estimate.rows(r.checkpointing),
+        *notes,
     ]
     p.facts.update(num_blocks=inputs.num_blocks, latent_shape=inputs.latent_shape, effective_nfe=nfe,
                    estimate=estimate.__dict__)
