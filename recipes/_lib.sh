@@ -134,25 +134,13 @@ step() {
   printf '%s\n' "$out"
 }
 
-# Sets PROMPT_SOURCE / PROMPT_EXPANDER for make-prompts. In a dry run without the VidProM file, the plan is made
-# for a small stand-in file in VidProM's CSV layout, so the rest of the plan still shows.
+# Sets PROMPT_SOURCE / PROMPT_EXPANDER for make-prompts. In a dry run a missing VidProM file (or expander model)
+# is shown in make-prompts' plan as NOT AVAILABLE, and the later plans assume the prompts exist.
 prompt_source() {
   PROMPT_SOURCE=$VIDPROM_FILE
   PROMPT_EXPANDER=$EXPANDER
   if dry_run && [[ ! -f $VIDPROM_FILE ]]; then
-    STANDIN_DIR=$(mktemp -d)
-    trap 'rm -rf "$STANDIN_DIR"' EXIT
-    PROMPT_SOURCE=$STANDIN_DIR/vidprom-standin.csv
-    PROMPT_EXPANDER=none
-    {
-      echo "uuid,prompt,time,toxicity,obscene,identity_attack,insult,threat,sexual_explicit"
-      echo "00000000-0000-0000-0000-000000000001,a red fox running through fresh snow in a pine forest,Sun Sep  3 12:27:44 2023,0.001,0.001,0.001,0.001,0.001,0.001"
-      echo "00000000-0000-0000-0000-000000000002,timelapse of clouds rolling over a mountain lake at dawn,Sun Sep  3 12:28:10 2023,0.001,0.001,0.001,0.001,0.001,0.001"
-      echo "00000000-0000-0000-0000-000000000003,an astronaut playing guitar on the moon with earth behind,Sun Sep  3 12:29:02 2023,0.001,0.001,0.001,0.001,0.001,0.001"
-    } > "$PROMPT_SOURCE"
-    note "VIDPROM_FILE=$VIDPROM_FILE not found: the plan of make-prompts below is for a 3-prompt stand-in in" \
-         "VidProM's CSV layout with --expander none; the real run reads VidProM_unique.csv (CC BY-NC 4.0, download" \
-         "it yourself) and expands with --expander $EXPANDER (its weights must be in the local HF cache)"
+    note "VIDPROM_FILE=$VIDPROM_FILE not found: download VidProM_unique.csv yourself (CC BY-NC 4.0) before a real run"
   fi
 }
 
