@@ -35,3 +35,23 @@ def test_a_dry_run_with_an_explicit_missing_reference_is_an_error(home):
     result = CliRunner().invoke(app, ["encode-latents", "--teacher", "tiny-random", "--videos", "nosuch",
                                       "--home", str(home), "--dry-run"])
     assert result.exit_code == 2 and "nosuch" in result.output
+
+
+def test_training_plans_import_no_torch(home, tmp_path):
+    """--dry-run answers in a second: the training stages' plans (estimates included) never import torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tmdcli.artifacts.store import Store\n"
+        "from tmdcli.stages import distill, pretrain_head\n"
+        f"store = Store({str(home)!r}); store.plan_missing_inputs = True\n"
+        "pretrain_head.plan(pretrain_head.PretrainHeadConfig(teacher='tiny-random', num_head_blocks=1), store)\n"
+        "distill.plan(distill.DistillConfig(teacher='tiny-random', num_head_blocks=1), store)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
+        **__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from tmdcli.errors import UsageError
+
 
 def console(enabled: bool = True):
     from rich.console import Console
@@ -58,3 +60,16 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def check_log_backend(backend: str) -> None:
+    """`--log-to tensorboard|wandb` only when the package is installed (checked before anything runs)."""
+    import importlib.util
+
+    package = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+    if backend not in package:
+        raise UsageError(f"--log-to must be one of none, tensorboard, wandb; got {backend!r}")
+    if package[backend] and importlib.util.find_spec(package[backend]) is None:
+        raise UsageError(f"--log-to {backend}: the {package[backend]} package is not installed",
+                         hint=f"pip install {package[backend]}, or leave --log-to at none (metrics.jsonl is always "
+                              f"written)")

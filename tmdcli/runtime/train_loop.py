@@ -33,6 +33,7 @@ import torch
 
 from tmdcli.errors import StageError, UsageError
 from tmdcli.runtime import checkpoint as ckpt
+from tmdcli.runtime.log import check_log_backend  # noqa: F401 (re-exported; lives where plans can import it)
 
 StepFn = Callable[[int, dict, torch.Generator], tuple[torch.Tensor, dict]]
 
@@ -141,19 +142,6 @@ class MetricsLog:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-def check_log_backend(backend: str) -> None:
-    """`--log-to tensorboard|wandb` only when the package is installed (checked before anything runs)."""
-    import importlib.util
-
-    package = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}
-    if backend not in package:
-        raise UsageError(f"--log-to must be one of none, tensorboard, wandb; got {backend!r}")
-    if package[backend] and importlib.util.find_spec(package[backend]) is None:
-        raise UsageError(f"--log-to {backend}: the {package[backend]} package is not installed",
-                         hint=f"pip install {package[backend]}, or leave --log-to at none (metrics.jsonl is always "
-                              f"written)")
 
 
 def _format_terms(terms: dict) -> str:

@@ -103,6 +103,9 @@ def plan(cfg: EvalConfig, store: Store) -> Plan:
     _check_options(cfg)
     report.check_matplotlib()
     k = cfg.samples_per_prompt or DEFAULT_SAMPLES[cfg.suite]
+    if store.plan_missing_inputs and not store.list("student") and any(
+            parse_model_spec(m)[0] in ("latest", "student:latest") for m in cfg.models):
+        return _plan_before_students(cfg, store, k)
     specs, inputs, teachers = _resolve_models(cfg, store)
     first = specs[0].ref
     from tmdcli.registry import teacher_defaults
@@ -131,7 +134,12 @@ def plan(cfg: EvalConfig, store: Store) -> Plan:
         n = cfg.toy_prompts or DEFAULT_TOY_PROMPTS
         items, source = toy_prompts(n, cfg.seed), f"toy grammar, {n} train + {n} held-out captions (seed {cfg.seed})"
     else:
-        items, source, facts["vbench"] = _vbench_prompts(cfg)
+        try:
+            items, source, facts["vbench"] = _vbench_prompts(cfg)
+        except UsageError as exc:
+            if not store.plan_missing_inputs:
+                raise
+            return _plan_before_students(cfg, store, k, blocked=exc)
         vbench_version = facts["vbench"]["version"]
     prompts_sha = sha256_bytes(canonical_json([[p["prompt"], p["generate_from"]] for p in items]).encode())
     for item in items:
@@ -164,6 +172,23 @@ def plan(cfg: EvalConfig, store: Store) -> Plan:
         p.rows += [("clip", f"{facts['clip']['kind']} {facts['clip']['path']}")]
     p.facts.update(facts, specs=specs, prompts=items, prompts_source=source, cfg=r)
     return p
+
+
+def _plan_before_students(cfg: EvalConfig, store: Store, k: int, blocked: UsageError | None = None) -> Plan:
+    """A dry run's plan when the students to score are not made yet (a recipe's DRY_RUN), or when VBench's
+    environment is missing: what would be scored, and what stops a real run."""
+    from tmdcli.artifacts.store import PlannedInput
+
+    rows = [(f"model {j}", "the newest student (not made yet: the distill plan above)"
+             if parse_model_spec(m)[0] in ("latest", "student:latest") and not store.list("student") else m)
+            for j, m in enumerate(cfg.models)]
+    rows.append(("suite", f"{cfg.suite}, {k} samples per prompt"))
+    if blocked is not None:
+        rows.append(("vbench", f"NOT AVAILABLE: {blocked.message}" + (f" ({blocked.hint})" if blocked.hint else "")))
+        rows.append(("note", "a real run stops here with exit 2 until the above is fixed"))
+    inputs = [("model", PlannedInput("student"))] if not store.list("student") else []
+    return Plan.build(store, stage=STAGE, stage_version=STAGE_VERSION, kind=OUTPUT_KIND, cfg=cfg, inputs=inputs,
+                      name=cfg.name, rows=rows)
 
 
 def _check_options(cfg: EvalConfig) -> None:

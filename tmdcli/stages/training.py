@@ -44,7 +44,7 @@ class TrainingOptions:
 
 
 def check_run_options(cfg: TrainingOptions) -> None:
-    from tmdcli.runtime.train_loop import check_log_backend
+    from tmdcli.runtime.log import check_log_backend
 
     for flag, value, low in (("--iters", cfg.iters, 1), ("--batch", cfg.batch, 1), ("--micro-batch", cfg.micro_batch, 1),
                              ("--save-every", cfg.save_every, 1), ("--log-every", cfg.log_every, 1),
