@@ -58,6 +58,31 @@ def peak_bytes(device) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
+class SavedActivations:
+    """Bytes of the tensors autograd keeps for the backward pass (parameters excluded), counted once per storage:
+    the activation memory a forward leaves behind, measurable on any device (the CPU has no allocator counter)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.params and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
 def bench_pretrain(args, device) -> list[dict]:
     from tmdcli.objectives.meanflow import TMMeanFlowParams, tm_meanflow_loss
     from tmdcli.runtime.estimates import WanShape, tm_meanflow_estimate
@@ -80,12 +105,14 @@ def bench_pretrain(args, device) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
+        times, saved = [], []
         for it in range(args.warmup + args.iters):
             sync(device)
             t0 = time.perf_counter()
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+                    SavedActivations(student) as acts:
                 loss, _ = tm_meanflow_loss(student, x, text, neg, micro_batch_generator(0, it, 0, device), params)
+            saved.append(acts.bytes)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
             opt.step()
@@ -97,7 +124,18 @@ def bench_pretrain(args, device) -> list[dict]:
                                    world_size=1, checkpointing=checkpointing, cfg_scale=params.cfg_scale,
                                    r_equals_s_prob=params.r_equals_s_prob, text_tokens=text_shape[0])
         mean = sum(times) / len(times)
-        rows.append({"stage": "pretrain-head", "checkpointing": checkpointing, "s_per_iter_mean": mean,
+        # the estimator's activation model at this run's precision (bf16 autocast on GPU, fp32 on CPU)
+        from tmdcli.runtime.estimates import activation_bytes_per_block
+
+        tokens = shape.tokens(latent)
+        width = 2 if device.type == "cuda" else 4
+        block = activation_bytes_per_block(shape, tokens, width)
+        # forward-held: every block's activations, or with checkpointing only each block's input (the backward pass
+        # then recomputes one block at a time, which the --dry-run estimate adds on top)
+        est_act = shape.num_blocks * tokens * shape.dim * width if checkpointing else shape.num_blocks * block
+        rows.append({"stage": "pretrain-head", "checkpointing": checkpointing,
+                     "saved_activation_mib": max(saved) / 2**20, "estimated_activation_mib": est_act / 2**20,
+                     "s_per_iter_mean": mean,
                      "s_per_iter_min": min(times), "s_per_iter_max": max(times), "iters": len(times),
                      "peak_gib": peak_bytes(device) / 1024**3, "estimated_peak_gib": est.peak_gib,
                      "flops_per_iter": est.flops_per_iteration,
@@ -134,6 +172,10 @@ def bench_distill(args, device) -> list[dict]:
     rows = []
     for checkpointing in args.checkpointing:
         student.checkpointing = checkpointing
+        if checkpointing:
+            fake.enable_gradient_checkpointing()
+        else:
+            fake.disable_gradient_checkpointing()
         for step, inner in (("student", cfg.num_inner_steps), ("student", 1), ("critic", cfg.num_inner_steps)):
             from dataclasses import replace
 

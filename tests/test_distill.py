@@ -172,7 +172,7 @@ def test_distill_after_pretrain_then_sample_and_show(home, pretrained, tmp_path)
 def test_dmd2v_baseline_trains_from_the_teacher_and_samples(home, tmp_path):
     write_tiny_latents(home)
     result = invoke("distill", "--method", "dmd2v", "--m", 2, "--teacher", "tiny-random", "--iters", 10,
-                    "--batch", 2, "--num-sample-prompts", 0, "--home", home)
+                    "--batch", 2, "--num-sample-prompts", 0, "--checkpointing", "--home", home)
     assert result.exit_code == 0, result.output
     student = Store(home).resolve("student:latest")
     assert student.manifest.facts["method"] == "dmd2v" and student.manifest.facts["effective_nfe"] == 2.0

@@ -410,9 +410,14 @@ def test_bad_inputs_exit_2_with_messages(tmp_path, home, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     for extra in (["--expander", "qwen2.5-7b"], []):
-        result = tmd("make-prompts", "--source", good, *extra, "--dry-run", home=home)
+        result = tmd("make-prompts", "--source", good, *extra, home=home)
         assert result.exit_code == 2, result.output
         assert "hf download Qwen/Qwen2.5-7B-Instruct" in result.stderr and "empty-cache" in result.stderr
+        # a dry run (a recipe's DRY_RUN before the weights are fetched) shows the same message in the plan
+        result = tmd("make-prompts", "--source", good, *extra, "--dry-run", home=home)
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.stderr.split())
+        assert "expander: NOT AVAILABLE" in text and "hf download Qwen/Qwen2.5-7B-Instruct" in text
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -145,6 +145,10 @@ class LatentLoader:
 
     def batches(self) -> Iterator[dict]:
         """Endless batches, epoch after epoch (training loops count steps, not epochs)."""
+        if len(self) == 0:  # would loop forever without yielding
+            raise ArtifactError(f"latents artifact {self.artifact.id} gives each of {self.world_size} rank(s) "
+                                f"{self.per_rank} items, fewer than one batch of {self.batch_size}",
+                                hint="lower --micro-batch, or encode more videos")
         while True:
             yield from self
 

@@ -22,6 +22,7 @@ from tmdcli.stages.training import (
     METRICS_FILE,
     SAMPLES_DIR,
     TrainingOptions,
+    check_enough_items,
     check_head_blocks,
     check_run_options,
     default_lr,
@@ -131,6 +132,7 @@ def plan(cfg: DistillConfig, store: Store) -> Plan:
     if r.iters < 1:
         raise UsageError(f"--iters must be >= 1, got {r.iters}")
     world = planned_world_size()
+    check_enough_items(inputs, r.micro_batch, world)
     shape = WanShape.from_config(inputs.config)
     disc_cfg = discriminator_config_for(inputs.config, layers)
     estimate = dmd_estimate(shape, inputs.latent_shape, num_head_blocks=h, num_inner_steps=n, method=r.method,
@@ -184,6 +186,8 @@ def run(cfg: DistillConfig, plan: Plan, staging: Staging, rt: Runtime) -> Artifa
     teacher = load_teacher(cfg.teacher, device=str(dev), dtype=frozen_dtype, parts=("transformer", "vae"))
     teacher_net = teacher.transformer.requires_grad_(False).eval()
     fake_score = copy.deepcopy(teacher_net).float().requires_grad_(True).train()
+    if cfg.checkpointing:  # its DSM backward holds every block's activations otherwise (~2.6 GiB each at 81x480x832)
+        fake_score.enable_gradient_checkpointing()
     if cfg.method == "tmd":
         from tmdcli.api import STUDENT_EXPORT_DIR
 

@@ -17,6 +17,7 @@ from tmdcli.stages.training import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     TrainingOptions,
+    check_enough_items,
     check_head_blocks,
     check_run_options,
     default_lr,
@@ -89,6 +90,7 @@ def plan(cfg: PretrainHeadConfig, store: Store) -> Plan:
                                                          notes))
     r = resolve(cfg, inputs.entry, inputs.num_blocks)
     world = planned_world_size()
+    check_enough_items(inputs, r.micro_batch, world)
     shape = WanShape.from_config(inputs.config)
     estimate = tm_meanflow_estimate(shape, inputs.latent_shape, num_head_blocks=r.num_head_blocks, batch=r.batch,
                                     micro_batch=r.micro_batch, world_size=world, checkpointing=r.checkpointing,

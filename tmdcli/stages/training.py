@@ -131,6 +131,13 @@ def resolve_training_inputs(store: Store, latents_ref: str, teacher: str) -> Tra
                           num_items=int(facts["num_items"]), text_tokens=int(facts.get("max_sequence_length", 512)))
 
 
+def check_enough_items(inputs: TrainingInputs, micro_batch: int, world_size: int) -> None:
+    """Each rank needs at least one micro-batch of latents per epoch."""
+    if inputs.num_items and inputs.num_items // world_size < micro_batch:
+        raise UsageError(f"latents {inputs.latents.id} hold {inputs.num_items} items: fewer than --micro-batch "
+                         f"{micro_batch} per GPU x {world_size} GPU(s)", hint="lower --micro-batch or encode more videos")
+
+
 def check_head_blocks(num_head_blocks: int, num_blocks: int, teacher: str, notes: list | None = None) -> int:
     """H must leave at least one backbone block. Under TMD_TEACHER_OVERRIDE (tests and recipe dry runs that swap
     every teacher for a small one) H is clamped to L - 1 with a note, so a 1.3B recipe can be planned on

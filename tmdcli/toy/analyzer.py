@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tmdcli.evaluation.metrics import area_pool, frechet_distance  # noqa: F401 (frechet_distance: re-exported)
 from tmdcli.toy.grammar import (
     BACKGROUND_NAMES,
     BACKGROUNDS,
@@ -342,15 +343,6 @@ def analyzer_features(analysis: ClipAnalysis, size: int) -> np.ndarray:
     ])
 
 
-def _pool(image: np.ndarray, cells: int) -> np.ndarray:
-    """Mean of `image [H, W, ...]` over a cells x cells grid of (nearly) equal blocks."""
-    rows = np.linspace(0, image.shape[0], cells + 1).astype(int)[:-1]
-    cols = np.linspace(0, image.shape[1], cells + 1).astype(int)[:-1]
-    sums = np.add.reduceat(np.add.reduceat(image, rows, axis=0), cols, axis=1)
-    counts = np.outer(np.diff(np.append(rows, image.shape[0])), np.diff(np.append(cols, image.shape[1])))
-    return sums / counts.reshape(cells, cells, *([1] * (image.ndim - 2)))
-
-
 def pixel_features(clip) -> np.ndarray:
     """64 numbers: the mean frame pooled to 4x4 per channel (48) and frame-difference energy pooled to 4x4 (16)."""
     frames = to_frames(clip)
@@ -358,7 +350,7 @@ def pixel_features(clip) -> np.ndarray:
         difference = np.abs(np.diff(frames, axis=0)).sum(-1).mean(0)
     else:
         difference = np.zeros(frames.shape[1:3])
-    return np.concatenate([_pool(frames.mean(0), 4).ravel(), _pool(difference, 4).ravel()])
+    return np.concatenate([area_pool(frames.mean(0), 4).ravel(), area_pool(difference, 4).ravel()])
 
 
 def clip_features(clips, analyses: Sequence[ClipAnalysis] | None = None) -> np.ndarray:
@@ -375,33 +367,6 @@ def clip_features(clips, analyses: Sequence[ClipAnalysis] | None = None) -> np.n
         size = to_frames(clip).shape[2]
         rows.append(np.concatenate([analyzer_features(analysis, size), pixel_features(clip)]))
     return np.stack(rows) if rows else np.zeros((0, 86))
-
-
-def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric positive semi-definite matrix."""
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
-
-
-def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray, eps: float = 1e-6) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets `[N, K]` (as in FID/FVD).
-
-    d = |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)). The trace of (C_a C_b)^(1/2) equals that of
-    (A C_b A)^(1/2) with A = C_a^(1/2), a symmetric PSD matrix, so symmetric eigendecompositions suffice; this
-    is exact and, unlike a general sqrtm, never returns complex parts. eps * I keeps rank-deficient sets stable.
-    """
-    feat_a, feat_b = np.asarray(feat_a, dtype=np.float64), np.asarray(feat_b, dtype=np.float64)
-    if feat_a.ndim != 2 or feat_b.ndim != 2 or feat_a.shape[1] != feat_b.shape[1]:
-        raise ValueError(f"expected two [N, K] feature sets with the same K, got {feat_a.shape} and {feat_b.shape}")
-    if len(feat_a) < 2 or len(feat_b) < 2:
-        raise ValueError("frechet_distance needs at least 2 samples per set")
-    identity = eps * np.eye(feat_a.shape[1])
-    cov_a = np.cov(feat_a, rowvar=False) + identity
-    cov_b = np.cov(feat_b, rowvar=False) + identity
-    root_a = _sqrt_psd(cov_a)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0.0, None)).sum()
-    mean_term = float(((feat_a.mean(0) - feat_b.mean(0)) ** 2).sum())
-    return max(0.0, mean_term + float(np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross))
 
 
 def seed_diversity(clips_by_prompt: Sequence) -> float:

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# recipes/toy-paper.sh: the paper's comparison (TMD Table 1, Table 6, Figure 7) at toy scale, with stated budgets.
+#
+# Goal:     on the bundled `toy` teacher: the teacher at 50 steps x CFG and at 1, 2 and 4 steps; DMD2-v at 1 (with its
+#           KD warm-up), 2 and 4 steps; TMD at M = 1 and M = 2 with two (N, H) settings (N2H4, N4H2 of 12 blocks);
+#           and the ablations TM vs TM-MF (Table 6) and rollout vs none (Figure 7), all on the same data, prompts
+#           and seeds. Writes docs/toy-paper/ (results.md with the command, machine and run time, the report table,
+#           results.json and quality_vs_nfe.png), all produced by `tmd eval --suite toy`; no number is typed by hand.
+# Hardware: 2 CPU cores, or a GPU (DEVICE=cuda; raise PRETRAIN_ITERS and DISTILL_ITERS tenfold there).
+# Wall time: about 35-45 minutes on 2 cores with the default budgets (measured: docs/toy-paper/results.md). The toy
+#           transformer is 0.2 GFLOP per clip per step, so no TFLOP/s assumption applies; CPU overheads dominate.
+# Targets:  the paper's orderings, not its numbers: TMD above DMD2-v at similar effective NFE; one-step-class TMD
+#           (M = 1) above one-step DMD2-v; TM-MF above TM; rollout above none.
+#
+# Knobs: TMD_HOME (./tmd-toy-paper: its own home, so every student carries the name this recipe gives it; the data
+#        stages are the same as recipes/toy.sh's), PRETRAIN_ITERS (80) x
+#        PRETRAIN_BATCH (32), DISTILL_ITERS (80) x DISTILL_BATCH (16), KD_ITERS (40), EVAL_PROMPTS (16 per split),
+#        DEVICE (auto), OUT_DIR (docs/toy-paper), DRY_RUN=1. Rerunning resumes and reuses finished students.
+set -euo pipefail
+
+RECIPES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+: "${TMD_HOME:=$PWD/tmd-toy-paper}" "${TOY_PROMPTS:=192}" "${SYNTH_STEPS:=16}" "${PRETRAIN_ITERS:=80}" "${DISTILL_ITERS:=80}"
+: "${PRETRAIN_BATCH:=32}" "${DISTILL_BATCH:=16}" "${KD_ITERS:=40}" "${EVAL_PROMPTS:=16}" "${DEVICE:=auto}"
+: "${OUT_DIR:=$RECIPES_DIR/../docs/toy-paper}" "${DRY_RUN:=0}" "${TMD:=tmd}"
+export TMD_HOME HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+DRY=()
+[[ $DRY_RUN == 1 ]] && DRY=(--dry-run)
+start=$(date +%s)
+
+run() {  # run TITLE ARGS...: one stage; prints the artifact id (nothing in a dry run)
+  local title=$1 out
+  shift
+  echo "[toy-paper] $title ($(( $(date +%s) - start )) s)" >&2
+  out=$("$TMD" "$@" --home "$TMD_HOME" --device "$DEVICE" "${DRY[@]}" | tail -n 1)
+  [[ -n $out ]] && basename "$out"
+  return 0
+}
+
+PRE=(--iters "$PRETRAIN_ITERS" --batch "$PRETRAIN_BATCH" --micro-batch "$PRETRAIN_BATCH" --lr 1e-4 --save-every 40
+     --sample-every 0 --num-sample-prompts 0)
+DIS=(--iters "$DISTILL_ITERS" --batch "$DISTILL_BATCH" --micro-batch "$DISTILL_BATCH" --lr 2e-5 --save-every 40
+     --sample-every 0 --num-sample-prompts 0)
+
+# data: the same as recipes/toy.sh (reused when it ran before with the same settings)
+run "prompts" make-prompts --source "toy:$TOY_PROMPTS" >/dev/null
+run "teacher videos" synth-videos --teacher toy --steps "$SYNTH_STEPS" --batch-size 64 --save-latents >/dev/null
+run "latents" encode-latents --teacher toy --batch-size 64 >/dev/null
+
+MODELS=(--model toy --model toy@1 --model toy@2 --model toy@4)
+# Students are named after what they are (and their budgets), so the report's rows say it; each distill names its
+# Stage-1 student explicitly with --init (in a dry run the init is "not made yet").
+pretrain() {  # pretrain NAME ARGS...: prints the artifact id
+  local name=$1
+  shift
+  run "$name" pretrain-head --teacher toy --name "$name" "$@" "${PRE[@]}"
+}
+distill() {  # distill NAME INIT ARGS... (INIT empty: none)
+  local name=$1 init=$2 with_init=()
+  shift 2
+  [[ -n $init && $DRY_RUN != 1 ]] && with_init=(--init "$init")
+  run "$name" distill --teacher toy --name "$name" "${with_init[@]}" "$@" "${DIS[@]}" >/dev/null
+  MODELS+=(--model "$name")
+}
+p=$PRETRAIN_ITERS d=$DISTILL_ITERS TMMF_M2=
+# TMD: Stage 1 then Stage 2, for M in {2, 1} and (N, H) in {(2, 4), (4, 2)}
+for m in 2 1; do
+  for nh in "2 4" "4 2"; do
+    read -r n h <<< "$nh"
+    init=$(pretrain "tmmf-m$m-n${n}h$h-${p}it" --outer-steps "$m" --inner-steps "$n" --head-blocks "$h")
+    [[ $m$n$h == 224 ]] && TMMF_M2=$init
+    distill "tmd-m$m-n${n}h$h-${p}+${d}it" "$init" --outer-steps "$m" --inner-steps "$n" --head-blocks "$h"
+  done
+done
+# DMD2-v baselines: 1 step (KD warm-up first), 2 steps, 4 steps (gamma_t = 5, TMD App. B.6)
+distill "dmd2v-m1-kd${KD_ITERS}+${d}it" "" --method dmd2v --outer-steps 1 --kd-warmup "$KD_ITERS"
+distill "dmd2v-m2-${d}it" "" --method dmd2v --outer-steps 2
+distill "dmd2v-m4-${d}it" "" --method dmd2v --outer-steps 4 --outer-gamma 5
+# ablations on TMD M2 N2H4: plain transition matching in Stage 1 (Table 6); no rollout in Stage 2 (Figure 7)
+init=$(pretrain "tm-m2-n2h4-${p}it" --inner-steps 2 --head-blocks 4 --objective tm)
+distill "tmd-from-tm-m2-n2h4-${p}+${d}it" "$init" --inner-steps 2 --head-blocks 4
+distill "tmd-no-rollout-m2-n2h4-${p}+${d}it" "$TMMF_M2" --inner-steps 2 --head-blocks 4 --no-rollout
+
+[[ $DRY_RUN == 1 ]] && { echo "[toy-paper] dry run done" >&2; exit 0; }
+EVAL=$(run "evaluation of every model" eval --suite toy "${MODELS[@]}" --toy-prompts "$EVAL_PROMPTS" \
+  --samples-per-prompt 2 --batch-size 32)
+seconds=$(( $(date +%s) - start ))
+
+# docs/toy-paper/: the eval's own files plus what produced them
+mkdir -p "$OUT_DIR"
+folder=$TMD_HOME/eval/$EVAL
+cp "$folder/results.json" "$folder/report.md" "$folder/quality_vs_nfe.png" "$OUT_DIR/"
+{
+  echo "# Toy-scale comparison (recipes/toy-paper.sh)"
+  echo
+  echo "Command: \`PRETRAIN_ITERS=$PRETRAIN_ITERS DISTILL_ITERS=$DISTILL_ITERS KD_ITERS=$KD_ITERS EVAL_PROMPTS=$EVAL_PROMPTS" \
+       "DEVICE=$DEVICE bash recipes/toy-paper.sh\`"
+  echo
+  echo "Machine: $(python3 -c 'import platform, torch; print(platform.processor() or platform.machine(), "-", torch.get_num_threads(), "torch threads,", "cuda" if torch.cuda.is_available() else "no GPU")') ($(nproc) cores)"
+  echo "Run time: ${seconds} s (data stages included when they ran; $(date -u +%Y-%m-%d))"
+  echo "Eval artifact: $EVAL. Rows are named after the student (tmd = Stage 1 TM-MF then Stage 2; tm = plain TM in"
+  echo "Stage 1; budgets in iterations); \`tmd show NAME --home $TMD_HOME\` gives each one's full configuration. The"
+  echo "table below is the eval's report.md, unchanged."
+  echo
+  cat "$folder/report.md"
+  echo
+  echo "## Which student is which"
+  echo
+  "$TMD" ls student --home "$TMD_HOME" 2>&1 | sed 's/^/    /'
+} > "$OUT_DIR/results.md"
+echo "[toy-paper] done in ${seconds} s: $OUT_DIR/results.md" >&2
