@@ -105,6 +105,6 @@ cp "$folder/results.json" "$folder/report.md" "$folder/quality_vs_nfe.png" "$OUT
   echo
   echo "## Which student is which"
   echo
-  "$TMD" ls student --home "$TMD_HOME" 2>&1 | sed 's/^/    /'
+  "$TMD" ls student --json --home "$TMD_HOME" | python3 "$RECIPES_DIR/_students_table.py"
 } > "$OUT_DIR/results.md"
 echo "[toy-paper] done in ${seconds} s: $OUT_DIR/results.md" >&2
