@@ -219,10 +219,10 @@ def tm_meanflow_loss(student, latents: torch.Tensor, text: torch.Tensor, negativ
                 return average_velocity(y1_fd, student.head(y_in, s_in, r_fd, feats_fd).float())
 
             du_fd = finite_difference_total_derivative(u_fn, sub(y_s), sub(s), r_fd, sub(v_g), p.fd_delta)
-        du_ds = torch.zeros(x.shape, dtype=torch.float64, device=device)
         if index is None:
             du_ds = du_fd
-        else:
+        else:  # rows with r == s get 0, which (s - r) multiplies away anyway
+            du_ds = torch.zeros(x.shape, dtype=torch.float64, device=device)
             du_ds[index] = du_fd
     u_target = meanflow_target(v_g, s, r, du_ds)
     squared = per_sample_squared_error(u, u_target)

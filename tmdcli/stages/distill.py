@@ -174,7 +174,7 @@ def run(cfg: DistillConfig, plan: Plan, staging: Staging, rt: Runtime) -> Artifa
     from tmdcli.models.discriminator import discriminator_for
     from tmdcli.models.student import StudentConfig, TMDStudent
     from tmdcli.objectives.dmd import DMDParams, critic_step_loss, is_student_iteration, student_step_loss
-    from tmdcli.registry import load_teacher, resolve_teacher, teacher_defaults
+    from tmdcli.registry import load_teacher
     from tmdcli.runtime.train_loop import LoopConfig, MetricsLog, make_adamw, run_loop
 
     cfg = DistillConfig(**{**plan.config, "disc_layers": tuple(plan.config["disc_layers"])})
@@ -240,7 +240,7 @@ def run(cfg: DistillConfig, plan: Plan, staging: Staging, rt: Runtime) -> Artifa
                           world_size=setup.world_size, device=dev)
     metrics = MetricsLog(staging.path / METRICS_FILE, enabled=setup.is_main, backend=cfg.log_to,
                          run_config=plan.config)
-    defaults = teacher_defaults(resolve_teacher(cfg.teacher))
+    defaults = teacher.defaults
     sampler_validate = make_validator(student, teacher.vae, loader, staging, num_prompts=cfg.num_sample_prompts,
                                       fps=defaults.fps, latent_shape=plan.facts["latent_shape"], is_main=setup.is_main,
                                       console=rt.console)
@@ -276,23 +276,13 @@ def run(cfg: DistillConfig, plan: Plan, staging: Staging, rt: Runtime) -> Artifa
                           validate=validate, metrics=metrics, desc=f"distill {plan.output_id}", **common)
     finally:
         metrics.close()
-    if not result.finished:
-        rt.console.print(f"stopped after iteration {result.iteration} of {cfg.iters} (checkpointed); rerun the same "
-                         f"command without --stop-after to continue")
-        return None
-    from tmdcli.runtime.checkpoint import model_state
-
-    state = {k.removeprefix("student."): v for k, v in model_state(student_obj).items()}
     facts = {"teacher": cfg.teacher, "method": cfg.method, "stage": STAGE, "num_outer_steps": cfg.num_outer_steps,
              "num_inner_steps": cfg.num_inner_steps, "num_head_blocks": cfg.num_head_blocks,
              "num_blocks": plan.facts["num_blocks"], "effective_nfe": plan.facts["effective_nfe"],
              "rollout": cfg.rollout, "latents": latents.id, "init": inputs["init"].id if "init" in inputs else None,
-             "final_terms": result.last_terms, "world_size": setup.world_size,
-             "diversity": diversity.last, "kd_warmup": cfg.kd_warmup}
-    metadata = {"stage": STAGE, "method": cfg.method, "latents": latents.id, "iterations": result.iteration}
-    return finish_student(staging, student, state, facts=facts,
-                          stats={"iterations": result.iteration, "seconds": round(result.seconds, 3)},
-                          is_main=setup.is_main, metadata=metadata)
+             "world_size": setup.world_size, "diversity": diversity.last, "kd_warmup": cfg.kd_warmup}
+    return finish_student(staging, student, student_obj, result, rt, total_iters=cfg.iters, is_main=setup.is_main,
+                          facts=facts, metadata={"stage": STAGE, "method": cfg.method, "latents": latents.id})
 
 
 class DiversityAlarm:

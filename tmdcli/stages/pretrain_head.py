@@ -126,7 +126,7 @@ def run(cfg: PretrainHeadConfig, plan: Plan, staging: Staging, rt: Runtime) -> A
     from tmdcli.data.loaders import LatentLoader
     from tmdcli.models.student import StudentConfig, TMDStudent
     from tmdcli.objectives.meanflow import TMMeanFlowParams, tm_meanflow_loss
-    from tmdcli.registry import load_teacher, teacher_defaults
+    from tmdcli.registry import load_teacher
     from tmdcli.runtime.train_loop import LoopConfig, MetricsLog, make_adamw, run_loop
 
     cfg = PretrainHeadConfig(**plan.config)
@@ -166,9 +166,9 @@ def run(cfg: PretrainHeadConfig, plan: Plan, staging: Staging, rt: Runtime) -> A
                           world_size=setup.world_size, device=setup.device)
     metrics = MetricsLog(staging.path / METRICS_FILE, enabled=setup.is_main, backend=cfg.log_to,
                          run_config=plan.config)
-    defaults = teacher_defaults(teacher_entry_of(cfg.teacher))
     validate = make_validator(student, teacher.vae, loader, staging, num_prompts=cfg.num_sample_prompts,
-                              fps=defaults.fps, latent_shape=plan.facts["latent_shape"], is_main=setup.is_main,
+                              fps=teacher.defaults.fps, latent_shape=plan.facts["latent_shape"],
+                              is_main=setup.is_main,
                               console=rt.console)
     loop = LoopConfig(iters=cfg.iters, batch=cfg.batch, micro_batch=cfg.micro_batch, save_every=cfg.save_every,
                       log_every=cfg.log_every, sample_every=cfg.sample_every, stop_after=cfg.stop_after,
@@ -183,25 +183,9 @@ def run(cfg: PretrainHeadConfig, plan: Plan, staging: Staging, rt: Runtime) -> A
                           run_identity=plan.fingerprint)
     finally:
         metrics.close()
-    if not result.finished:
-        rt.console.print(f"stopped after iteration {result.iteration} of {cfg.iters} (checkpointed); rerun the same "
-                         f"command without --stop-after to continue")
-        return None
-    from tmdcli.runtime.checkpoint import model_state
-
-    state = {k.removeprefix("student."): v for k, v in model_state(objective).items()}
     facts = {"teacher": cfg.teacher, "method": "tmd", "stage": STAGE, "objective": cfg.objective,
              "num_outer_steps": cfg.num_outer_steps, "num_inner_steps": cfg.num_inner_steps,
              "num_head_blocks": cfg.num_head_blocks, "num_blocks": plan.facts["num_blocks"],
-             "effective_nfe": plan.facts["effective_nfe"], "latents": latents.id,
-             "final_terms": result.last_terms, "world_size": setup.world_size}
-    metadata = {"stage": STAGE, "latents": latents.id, "iterations": result.iteration}
-    return finish_student(staging, student, state, facts=facts,
-                          stats={"iterations": result.iteration, "seconds": round(result.seconds, 3)},
-                          is_main=setup.is_main, metadata=metadata)
-
-
-def teacher_entry_of(name: str):
-    from tmdcli.registry import resolve_teacher
-
-    return resolve_teacher(name)
+             "effective_nfe": plan.facts["effective_nfe"], "latents": latents.id, "world_size": setup.world_size}
+    return finish_student(staging, student, objective, result, rt, total_iters=cfg.iters, is_main=setup.is_main,
+                          facts=facts, metadata={"stage": STAGE, "latents": latents.id})

@@ -229,11 +229,17 @@ def make_validator(student, vae, loader, staging: Staging, *, num_prompts: int, 
     return validate
 
 
-def finish_student(staging: Staging, student, state: dict, *, facts: dict, stats: dict, is_main: bool,
-                   metadata: dict) -> Artifact | None:
-    """Export the trained student (full state, rank 0) into `export/`, keep the newest checkpoint, commit."""
-    from tmdcli.runtime.checkpoint import list_checkpoints, prune_checkpoints
+def finish_student(staging: Staging, student, objective, result, rt: Runtime, *, total_iters: int, is_main: bool,
+                   facts: dict, metadata: dict) -> Artifact | None:
+    """After the training loop: report a --stop-after stop, or export the trained student (full state gathered on
+    every rank, written by rank 0) into `export/`, keep the newest checkpoint and commit."""
+    from tmdcli.runtime.checkpoint import list_checkpoints, model_state, prune_checkpoints
 
+    if not result.finished:
+        rt.console.print(f"stopped after iteration {result.iteration} of {total_iters} (checkpointed); rerun the same "
+                         f"command without --stop-after to continue")
+        return None
+    state = {k.removeprefix("student."): v for k, v in model_state(objective).items()}  # collective under FSDP
     if not is_main:
         return None
     export = staging.path / STUDENT_EXPORT_DIR
@@ -241,8 +247,9 @@ def finish_student(staging: Staging, student, state: dict, *, facts: dict, stats
         import shutil
 
         shutil.rmtree(export)  # an export cut short by a kill; the checkpoint is what counts
-    student.save(export, state=state, metadata=metadata)
+    student.save(export, state=state, metadata={**metadata, "iterations": result.iteration})
     prune_checkpoints(staging.path / CHECKPOINT_DIR, keep=1)  # the training state for a later resume
     found = list_checkpoints(staging.path / CHECKPOINT_DIR)
-    facts = {**facts, "training_state": str(found[-1][1].relative_to(staging.path)) if found else None}
-    return staging.commit(facts=facts, stats=stats)
+    facts = {**facts, "final_terms": result.last_terms,
+             "training_state": str(found[-1][1].relative_to(staging.path)) if found else None}
+    return staging.commit(facts=facts, stats={"iterations": result.iteration, "seconds": round(result.seconds, 3)})
