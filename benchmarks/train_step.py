@@ -131,7 +131,8 @@ def bench_pretrain(args, device) -> list[dict]:
         width = 2 if device.type == "cuda" else 4
         block = activation_bytes_per_block(shape, tokens, width)
         # forward-held: every block's activations, or with checkpointing only each block's input (the backward pass
-        # then recomputes one block at a time, which the --dry-run estimate adds on top)
+        # then recomputes one block at a time, which measurably does not add at the peak: docs/bench/
+        # train_memory_h200.json)
         est_act = shape.num_blocks * tokens * shape.dim * width if checkpointing else shape.num_blocks * block
         rows.append({"stage": "pretrain-head", "checkpointing": checkpointing,
                      "saved_activation_mib": max(saved) / 2**20, "estimated_activation_mib": est_act / 2**20,
@@ -167,6 +168,12 @@ def bench_distill(args, device) -> list[dict]:
              "text": torch.randn(1, *text_shape, device=device, generator=g),
              "negative": torch.randn(1, *text_shape, device=device, generator=g)}
     params = DMDParams(outer_grid=tuple(cfg.outer_grid()), disc_layers=tuple(layers))
+    lora = getattr(args, "lora_rank", 0)
+    if lora:  # frozen bases, trained adapters (and the student's fusion / r-embedder)
+        from tmdcli.models.lora import DEFAULT_TARGETS, add_lora
+
+        add_lora(student.transformer, lora, DEFAULT_TARGETS, seed=0)
+        add_lora(fake, lora, DEFAULT_TARGETS, seed=1)
     opt_s = make_adamw(student.parameters(), 1e-5)
     opt_c = make_adamw(list(fake.parameters()) + list(disc.parameters()), 1e-5)
     rows = []
@@ -190,10 +197,10 @@ def bench_distill(args, device) -> list[dict]:
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     gen = micro_batch_generator(0, it, 0, device)
                     if step == "student":
-                        fake.requires_grad_(False), disc.requires_grad_(False).eval()
+                        fake.requires_grad_(False) if not lora else None, disc.requires_grad_(False).eval()
                         loss, _ = student_step_loss(student, teacher, fake, disc, batch, gen, params)
                     else:
-                        fake.requires_grad_(True), disc.requires_grad_(True).train()
+                        fake.requires_grad_(True) if not lora else None, disc.requires_grad_(True).train()
                         loss, _ = critic_step_loss(student, teacher, fake, disc, batch, gen, params)
                 loss.backward()
                 opt = opt_s if step == "student" else opt_c
@@ -205,11 +212,14 @@ def bench_distill(args, device) -> list[dict]:
             est = dmd_estimate(shape, latent, num_head_blocks=cfg.num_head_blocks, num_inner_steps=inner,
                                method="tmd", discriminator_params=count_parameters(discriminator_config_for(tc, layers)),
                                last_disc_layer=max(layers), batch=1, micro_batch=1, world_size=1,
-                               checkpointing=checkpointing, text_tokens=text_shape[0])
+                               checkpointing=checkpointing, text_tokens=text_shape[0],
+                               critic_state=bool(opt_c.state),  # the student steps run before the first critic step
+                               lora_rank=lora)
             mean = sum(times) / len(times)
             rows.append({"stage": "distill", "step": step, "inner_steps": inner, "checkpointing": checkpointing,
+                         "lora_rank": lora,
                          "s_per_iter_mean": mean, "s_per_iter_min": min(times), "iters": len(times),
-                         "peak_gib": peak_bytes(device) / 1024**3, "estimated_peak_gib": est.peak_gib})
+                         "peak_gib": peak_bytes(device) / 1024**3, "estimated_peak_gib": est.step_peaks_gib[step]})
             print(json.dumps(rows[-1]), flush=True)
         by = {(r["step"], r["inner_steps"]): r["s_per_iter_mean"] for r in rows if r["checkpointing"] == checkpointing}
         n = cfg.num_inner_steps
@@ -230,6 +240,8 @@ def main() -> None:
     p.add_argument("--checkpointing", default="off,on", help="comma list of off/on")
     p.add_argument("--stage", default="pretrain-head", choices=("pretrain-head", "distill", "both"))
     p.add_argument("--out", default=None)
+    p.add_argument("--lora-rank", type=int, default=0, help="distill: LoRA adapters of this rank on student and fake "
+                                                            "score blocks (as `tmd distill --lora-rank`)")
     args = p.parse_args()
     args.checkpointing = [c.strip() == "on" for c in args.checkpointing.split(",")]
     device = torch.device(args.device)

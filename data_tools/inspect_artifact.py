@@ -6,6 +6,10 @@ members; JSON/JSONL/text: first lines). Reads headers only where it can; never l
     python data_tools/inspect_artifact.py prompts:latest --home tmd-home
     python data_tools/inspect_artifact.py tmd-home/latents/latents-3f9c2a1b7e0d --rows 3
     python data_tools/inspect_artifact.py tmd-home/videos/.staging-videos-9ab0c1d2e3f4/shards/00000.tar
+    python data_tools/inspect_artifact.py prompts:latest --as-dataset   # as a Hugging Face datasets.Dataset
+
+In Python, `open_prompts_dataset(folder)` returns a prompts artifact as a `datasets.Dataset` (map, filter,
+push_to_hub, to_pandas ...), the way `tmd make-prompts --source hf:...` reads one.
 """
 
 from __future__ import annotations
@@ -227,6 +231,36 @@ def inspect_folder(folder: Path, rows: int) -> list[str]:
     return out
 
 
+def open_prompts_dataset(path: Path):
+    """A prompts artifact (its folder, or its prompts.parquet) as a `datasets.Dataset`, held in memory: nothing is
+    written to the datasets cache. Raises UsageError (exit 2) for anything else."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.table import InMemoryTable
+
+    from tmdcli.errors import UsageError
+
+    file = path / "prompts.parquet" if path.is_dir() else path
+    if not file.is_file() or file.suffix != ".parquet":
+        raise UsageError(f"--as-dataset opens a prompts artifact; {path} has no prompts.parquet",
+                         hint="give prompts:latest, a prompts artifact folder or its prompts.parquet")
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UsageError(f"{file} is not a readable Parquet file: {exc}",
+                         hint="check the artifact with `tmd verify`") from None
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def dataset_summary(dataset, rows: int) -> list[str]:
+    out = [f"datasets.Dataset: {dataset.num_rows} rows",
+           "features: " + ", ".join(f"{k}: {v.dtype}" for k, v in dataset.features.items())]
+    for i in range(min(rows, dataset.num_rows)):
+        out.append(f"row {i}: " + short(dataset[i], TEXT_WIDTH * 2))
+    return out
+
+
 def locate(ref: str, home: Path) -> Path:
     """A path as given, or an artifact reference resolved in `home`."""
     path = Path(ref).expanduser()
@@ -244,12 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("TMD_HOME", "tmd-home")),
                         help="tmd home for references (env TMD_HOME, default ./tmd-home)")
     parser.add_argument("--rows", type=int, default=5, help="rows/lines/members shown per peek")
+    parser.add_argument("--as-dataset", action="store_true",
+                        help="open a prompts artifact as a Hugging Face datasets.Dataset and summarise that")
     args = parser.parse_args(argv)
 
     from tmdcli.errors import TmdError
 
     try:
         path = locate(args.ref, args.home)
+        if args.as_dataset:
+            print("\n".join(dataset_summary(open_prompts_dataset(path), args.rows)))
+            return 0
     except TmdError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:

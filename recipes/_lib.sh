@@ -7,8 +7,9 @@
 #   TMD_HOME=./tmd-home           artifact home (on a filesystem every node sees when NUM_NODES > 1)
 #   VIDPROM_FILE=$TMD_HOME/VidProM_unique.csv   NUM_PROMPTS=500000   EXPANDER=qwen2.5-7b   PROMPT_BACKEND=transformers
 #   DATA_TEACHER=wan2.1-14b       the teacher that synthesises the training videos (TMD section 4.1)
-#   SAVE_NOISE=1                  synth-videos --save-noise (the KD pairs of baselines-dmd2v.sh); every recipe must
-#                                 use the same value, or the videos are made twice
+#   SAVE_NOISE=1                  synth-videos --save-noise (a copy of each clip's initial noise; the KD pairs of
+#                                 baselines-dmd2v.sh are made apart, with --kd-pairs); every recipe must use the
+#                                 same value, or the videos are made twice
 #   BATCH=64 MICRO_BATCH=1 CHECKPOINTING=1 LOG_TO=none   training (global batch, per-GPU batch, --checkpointing)
 #   EVAL_SUITE=vbench EVAL_TEACHER=0 AUGMENTED_PROMPTS=   eval (TMD_VBENCH_PYTHON / VBENCH_CACHE_DIR as for tmd eval)
 #   SAMPLE_PROMPT="..." SAMPLES_DIR=$TMD_HOME/recipe-samples

@@ -2,8 +2,9 @@
 # Goal: the DMD2-v baselines TMD compares against: few-step students initialised from the teacher (no flow head),
 #   trained with the same Stage 2 as TMD (DMD2-v: VSD + Conv3D-head GAN, METHOD.md 5.2) at 1, 2 and 4 steps
 #   (STEPS="1 2 4"; add 3 for Table 1's 3-step row). The one-step run starts with the KD warm-up (TMD Table 4,
-#   Table 7: 10k iterations at lr 7e-5 on the teacher's (noise, sample) pairs saved by synth-videos --save-noise,
-#   so SAVE_NOISE=1 must hold when the shared videos are made). TEACHER=wan2.1-14b runs the Table 2 baselines.
+#   Table 7, METHOD.md 5.4: 10k iterations at lr 7e-5 on 10k teacher (noise, sample) pairs sampled with CFG 5 +
+#   skip-layer guidance at block 10, made here by synth-videos --kd-pairs). TEACHER=wan2.1-14b runs the Table 2
+#   baselines.
 # Targets (METHOD.md section 7), VBench total / quality / semantic:
 #   Wan2.1 1.3B (Table 1): DMD2-v 4 steps 84.60 / 86.03 / 79.87 (student shift 5, Table 11); 3 steps 84.48;
 #     2 steps 84.39 / 85.65 / 79.32; 1 step with KD warm-up 83.24 / 84.28 / 79.10.
@@ -29,8 +30,16 @@ case $TEACHER in
   *) die "TEACHER must be wan2.1-1.3b or wan2.1-14b (the paper's baselines), got $TEACHER" ;;
 esac
 
-# 1-3. Data (shared with the TMD recipes; the one-step KD warm-up needs SAVE_NOISE=1).
+# 1-3. Data (shared with the TMD recipes).
 make_data "$TEACHER"
+# 4. The one-step baseline's KD pairs: its teacher's own samples with CFG + skip-layer guidance, noise and latent
+#    saved per clip, then their text embeddings.
+KD_PAIRS=
+if [[ " $STEPS " == *" 1 "* ]]; then
+  KD_VIDEOS=$(step "kd-videos-$TEACHER" data synth-videos --teacher "$TEACHER" --prompts "${PROMPTS:-latest}" \
+              --kd-pairs --limit 10000)
+  KD_PAIRS=$(step "kd-latents-$TEACHER" data encode-latents --teacher "$TEACHER" --videos "${KD_VIDEOS:-latest}")
+fi
 
 STUDENTS=()
 for M in $STEPS; do
@@ -38,7 +47,7 @@ for M in $STEPS; do
   GAMMA=10
   [[ $M == 4 ]] && GAMMA=5
   EXTRA=(--iters "$ITERS_FEW")
-  [[ $M == 1 ]] && EXTRA=(--iters "$ITERS_ONE" --kd-warmup "$KD_ITERS")
+  [[ $M == 1 ]] && EXTRA=(--iters "$ITERS_ONE" --kd-warmup "$KD_ITERS" ${KD_PAIRS:+--kd-pairs "$KD_PAIRS"})
   STUDENT=$(step "dmd2v-m$M" train distill --method dmd2v --teacher "$TEACHER" --outer-steps "$M" \
             --outer-gamma "$GAMMA" --latents "${LATENTS:-latest}" --lr 1e-5 "${EXTRA[@]}" "${TRAIN_OPTS[@]}")
   STUDENTS+=("$STUDENT")

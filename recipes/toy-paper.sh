@@ -14,53 +14,26 @@
 #
 # Knobs: TMD_HOME (./tmd-toy-paper: its own home, so every student carries the name this recipe gives it; the data
 #        stages are the same as recipes/toy.sh's), PRETRAIN_ITERS (80) x
-#        PRETRAIN_BATCH (32), DISTILL_ITERS (80) x DISTILL_BATCH (16), KD_ITERS (40), EVAL_PROMPTS (16 per split),
+#        PRETRAIN_BATCH (32), DISTILL_ITERS (80) x DISTILL_BATCH (16), KD_ITERS (40) on KD_PAIRS (64) teacher
+#        pairs (synth-videos --kd-pairs), EVAL_PROMPTS (16 per split),
 #        DEVICE (auto), OUT_DIR (docs/toy-paper), DRY_RUN=1. Rerunning resumes and reuses finished students.
 set -euo pipefail
 
+RECIPE=toy-paper
 RECIPES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-: "${TMD_HOME:=$PWD/tmd-toy-paper}" "${TOY_PROMPTS:=192}" "${SYNTH_STEPS:=16}" "${PRETRAIN_ITERS:=80}" "${DISTILL_ITERS:=80}"
-: "${PRETRAIN_BATCH:=32}" "${DISTILL_BATCH:=16}" "${KD_ITERS:=40}" "${EVAL_PROMPTS:=16}" "${DEVICE:=auto}"
-: "${OUT_DIR:=$RECIPES_DIR/../docs/toy-paper}" "${DRY_RUN:=0}" "${TMD:=tmd}"
-export TMD_HOME HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-DRY=()
-[[ $DRY_RUN == 1 ]] && DRY=(--dry-run)
-start=$(date +%s)
+: "${TMD_HOME:=$PWD/tmd-toy-paper}" "${KD_ITERS:=40}" "${KD_PAIRS:=64}" "${OUT_DIR:=$RECIPES_DIR/../docs/toy-paper}"
+# shellcheck source=recipes/_toy_lib.sh
+source "$RECIPES_DIR/_toy_lib.sh"
 
-run() {  # run TITLE ARGS...: one stage; prints the artifact id (nothing in a dry run)
-  local title=$1 out
-  shift
-  echo "[toy-paper] $title ($(( $(date +%s) - start )) s)" >&2
-  out=$("$TMD" "$@" --home "$TMD_HOME" --device "$DEVICE" "${DRY[@]}" | tail -n 1)
-  [[ -n $out ]] && basename "$out"
-  return 0
-}
+toy_data
+# the one-step DMD2-v baseline's KD pairs (METHOD.md 5.4): the teacher's (noise, sample) pairs with CFG + skip-layer
+# guidance (block 10 of the toy's 12 left out of the unconditional pass), and their text embeddings
+KD_VIDEOS=$(run "KD pairs" synth-videos --teacher toy --steps "$SYNTH_STEPS" --batch-size 64 --kd-pairs \
+  --limit "$KD_PAIRS")
+run "KD pairs latents" encode-latents --teacher toy --batch-size 64 --videos "${KD_VIDEOS:-latest}" >/dev/null
+use_latents  # the KD latents may be the newest
 
-PRE=(--iters "$PRETRAIN_ITERS" --batch "$PRETRAIN_BATCH" --micro-batch "$PRETRAIN_BATCH" --lr 1e-4 --save-every 40
-     --sample-every 0 --num-sample-prompts 0)
-DIS=(--iters "$DISTILL_ITERS" --batch "$DISTILL_BATCH" --micro-batch "$DISTILL_BATCH" --lr 2e-5 --save-every 40
-     --sample-every 0 --num-sample-prompts 0)
-
-# data: the same as recipes/toy.sh (reused when it ran before with the same settings)
-run "prompts" make-prompts --source "toy:$TOY_PROMPTS" >/dev/null
-run "teacher videos" synth-videos --teacher toy --steps "$SYNTH_STEPS" --batch-size 64 --save-latents >/dev/null
-run "latents" encode-latents --teacher toy --batch-size 64 >/dev/null
-
-MODELS=(--model toy --model toy@1 --model toy@2 --model toy@4)
-# Students are named after what they are (and their budgets), so the report's rows say it; each distill names its
-# Stage-1 student explicitly with --init (in a dry run the init is "not made yet").
-pretrain() {  # pretrain NAME ARGS...: prints the artifact id
-  local name=$1
-  shift
-  run "$name" pretrain-head --teacher toy --name "$name" "$@" "${PRE[@]}"
-}
-distill() {  # distill NAME INIT ARGS... (INIT empty: none)
-  local name=$1 init=$2 with_init=()
-  shift 2
-  [[ -n $init && $DRY_RUN != 1 ]] && with_init=(--init "$init")
-  run "$name" distill --teacher toy --name "$name" "${with_init[@]}" "$@" "${DIS[@]}" >/dev/null
-  MODELS+=(--model "$name")
-}
+MODELS+=(--model toy --model toy@1 --model toy@2 --model toy@4)
 p=$PRETRAIN_ITERS d=$DISTILL_ITERS TMMF_M2=
 # TMD: Stage 1 then Stage 2, for M in {2, 1} and (N, H) in {(2, 4), (4, 2)}
 for m in 2 1; do
@@ -80,31 +53,8 @@ init=$(pretrain "tm-m2-n2h4-${p}it" --inner-steps 2 --head-blocks 4 --objective 
 distill "tmd-from-tm-m2-n2h4-${p}+${d}it" "$init" --inner-steps 2 --head-blocks 4
 distill "tmd-no-rollout-m2-n2h4-${p}+${d}it" "$TMMF_M2" --inner-steps 2 --head-blocks 4 --no-rollout
 
-[[ $DRY_RUN == 1 ]] && { echo "[toy-paper] dry run done" >&2; exit 0; }
+[[ $DRY_RUN == 1 ]] && { echo "[$RECIPE] dry run done" >&2; exit 0; }
 EVAL=$(run "evaluation of every model" eval --suite toy "${MODELS[@]}" --toy-prompts "$EVAL_PROMPTS" \
   --samples-per-prompt 2 --batch-size 32)
-seconds=$(( $(date +%s) - start ))
-
-# docs/toy-paper/: the eval's own files plus what produced them
-mkdir -p "$OUT_DIR"
-folder=$TMD_HOME/eval/$EVAL
-cp "$folder/results.json" "$folder/report.md" "$folder/quality_vs_nfe.png" "$OUT_DIR/"
-{
-  echo "# Toy-scale comparison (recipes/toy-paper.sh)"
-  echo
-  echo "Command: \`PRETRAIN_ITERS=$PRETRAIN_ITERS DISTILL_ITERS=$DISTILL_ITERS KD_ITERS=$KD_ITERS EVAL_PROMPTS=$EVAL_PROMPTS" \
-       "DEVICE=$DEVICE bash recipes/toy-paper.sh\`"
-  echo
-  echo "Machine: $(python3 -c 'import platform, torch; print(platform.processor() or platform.machine(), "-", torch.get_num_threads(), "torch threads,", "cuda" if torch.cuda.is_available() else "no GPU")') ($(nproc) cores)"
-  echo "Run time: ${seconds} s (data stages included when they ran; $(date -u +%Y-%m-%d))"
-  echo "Eval artifact: $EVAL. Rows are named after the student (tmd = Stage 1 TM-MF then Stage 2; tm = plain TM in"
-  echo "Stage 1; budgets in iterations); \`tmd show NAME --home $TMD_HOME\` gives each one's full configuration. The"
-  echo "table below is the eval's report.md, unchanged."
-  echo
-  cat "$folder/report.md"
-  echo
-  echo "## Which student is which"
-  echo
-  "$TMD" ls student --json --home "$TMD_HOME" | python3 "$RECIPES_DIR/_students_table.py"
-} > "$OUT_DIR/results.md"
-echo "[toy-paper] done in ${seconds} s: $OUT_DIR/results.md" >&2
+write_results "$EVAL" "Toy-scale comparison (recipes/toy-paper.sh)" \
+  "PRETRAIN_ITERS=$PRETRAIN_ITERS DISTILL_ITERS=$DISTILL_ITERS KD_ITERS=$KD_ITERS EVAL_PROMPTS=$EVAL_PROMPTS DEVICE=$DEVICE bash recipes/toy-paper.sh"

@@ -8,7 +8,7 @@ from tmdcli.models.discriminator import (Discriminator, DiscriminatorConfig, cou
                                          discriminator_config_for, discriminator_for, num_groups, pool_kernel)
 from tmdcli.models.tiny import TINY_TRANSFORMER_CONFIG
 from tmdcli.objectives.gan import discriminator_loss
-from tmdcli.registry import REGISTRY
+from tmdcli.models.family import family_defaults
 
 WAN_1P3B = dict(num_attention_heads=12, attention_head_dim=128, patch_size=(1, 2, 2), num_layers=30)
 WAN_14B = dict(num_attention_heads=40, attention_head_dim=128, patch_size=(1, 2, 2), num_layers=40)
@@ -40,9 +40,9 @@ def test_default_layers_follow_the_paper_and_scale_with_depth(num_blocks, layers
     assert all(0 <= i < num_blocks for i in layers) and len(set(layers)) == len(layers)
 
 
-def test_default_layers_match_the_registry():
-    for name, config in [("wan2.1-1.3b", WAN_1P3B), ("wan2.1-14b", WAN_14B), ("tiny-random", TINY_TRANSFORMER_CONFIG)]:
-        assert discriminator_config_for(config).layers == REGISTRY[name].disc_layers
+def test_default_layers_are_the_papers_for_the_published_configs():
+    for config, layers in [(WAN_1P3B, (15, 22, 29)), (WAN_14B, (19, 29, 39)), (TINY_TRANSFORMER_CONFIG, (1, 2, 3))]:
+        assert discriminator_config_for(config).layers == family_defaults(config).disc_layers == layers
 
 
 def test_pool_kernel_is_clamped_to_small_inputs():
@@ -64,7 +64,7 @@ def test_discriminator_accepts_grids_smaller_than_its_pool_kernels(grid):
 
 
 def test_discriminator_on_tiny_teacher_features_passes_gradient_to_every_head_and_the_input(tiny_teacher):
-    layers = REGISTRY["tiny-random"].disc_layers
+    layers = family_defaults(TINY_TRANSFORMER_CONFIG).disc_layers
     disc = discriminator_for(tiny_teacher.transformer.config, layers)
     x_t = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
     text = tiny_teacher.encode_prompts(["a cat surfing", "a red car at night"])

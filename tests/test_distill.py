@@ -251,36 +251,6 @@ def test_bad_input_exits_2_with_a_message(home, case):
     assert expect in result.output.replace("\n", " ") and "Traceback" not in result.output
 
 
-@pytest.mark.slow
-def test_one_step_dmd2v_with_kd_warmup_on_saved_teacher_pairs(home, tmp_path):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a cat surfing a wave\na dog running in a park\n")
-    for args in (["make-prompts", "--source", prompts, "--expander", "none"],
-                 ["synth-videos", "--teacher", "tiny-random", "--steps", 2, "--save-noise"],
-                 ["encode-latents", "--teacher", "tiny-random"]):
-        result = invoke(*args, "--home", home)
-        assert result.exit_code == 0, result.output
-    result = invoke("distill", "--method", "dmd2v", "--m", 1, "--teacher", "tiny-random", "--kd-warmup", 3,
-                    "--iters", 5, "--batch", 2, "--num-sample-prompts", 0, "--home", home)
-    assert result.exit_code == 0, result.output
-    student = Store(home).resolve("student:latest")
-    assert student.manifest.facts["kd_warmup"] == 3 and student.manifest.facts["effective_nfe"] == 1.0
-    kd_lines = (student.path / "metrics-kd.jsonl").read_text().splitlines()
-    assert len(kd_lines) >= 1 and '"kd"' in kd_lines[-1]
-    # the KD noise is redrawn from each clip's seed: it equals what synth-videos saved with --save-noise
-    from tmdcli.data.loaders import LatentLoader
-    from tmdcli.data.shards import VideosShard, shard_files
-    from tmdcli.sampler import generators_for, randn_per_sample
-
-    batch = LatentLoader(Store(home).resolve("latents:latest"), batch_size=1).first_items(2)
-    videos = Store(home).resolve("videos:latest")
-    with VideosShard(videos.file(shard_files(videos.manifest.files, "videos")[0][1])) as shard:
-        saved = shard.tensors()
-    redrawn = randn_per_sample(SHAPE, generators_for(batch["seeds"]))
-    for k, item_id in enumerate(batch["ids"].tolist()):
-        assert torch.equal(saved[f"noise.{item_id}"], redrawn[k])
-
-
 def test_mode_collapse_alarm_warns_when_student_seeds_give_the_same_video(home, capsys, monkeypatch):
     import tmdcli.sampler
     from tmdcli.artifacts.store import Store as _Store

@@ -1,5 +1,7 @@
 """TM-MeanFlow (Stage 1) objective: the finite-difference derivative, (s, r) sampling, the target, the loss."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -179,12 +181,17 @@ def test_loss_at_init_on_the_trained_toy_teacher_is_in_the_predicted_range():
     student = TMDStudent.from_teacher(teacher.transformer, cfg)
     d = x[0].numel()
     p = mf.TMMeanFlowParams(outer_grid=tuple(cfg.outer_grid()), inner_grid=tuple(cfg.inner_grid()), norm_c=d,
-                            cfg_scale=1.0, cond_dropout=0.0, r_equals_s_prob=1.0)
+                            cfg_scale=1.0, cond_dropout=0.0, r_equals_s_prob=1.0, u_param="paper")
     with torch.no_grad():
         loss, terms = mf.tm_meanflow_loss(student, x, text, neg, torch.Generator().manual_seed(0), p)
+        # the consistent form on the same draws: u - u_tgt = (y - head) / s on r = s rows, weighted by s (D19):
+        # the same head-space error as Eq. 14's, so the same loss
+        loss_c, terms_c = mf.tm_meanflow_loss(student, x, text, neg, torch.Generator().manual_seed(0),
+                                              dataclasses.replace(p, u_param="consistent"))
     assert 0.05 < float(terms["mse"]) < 2.0, terms
     assert 0.0 < float(loss) < 0.5
     assert float(loss) == pytest.approx(float(terms["mse"]) / (float(terms["mse"]) + 1), rel=0.2)
+    assert float(loss_c) == pytest.approx(float(loss), rel=1e-5)
 
 
 def test_a_few_steps_on_one_fixed_batch_lower_the_loss(fresh_tiny_transformer):

@@ -82,7 +82,7 @@ def test_accelerate_configs_load_and_name_real_options():
 
     dests = {action.dest for action in launch_command_parser()._actions}
     configs = {p.name: p for p in ACCEL.glob("*.yaml")}
-    assert set(configs) == {"1gpu.yaml", "ddp-8gpu.yaml", "fsdp-8gpu.yaml", "fsdp-multinode.yaml"}
+    assert set(configs) == {"1gpu.yaml", "ddp-8gpu.yaml", "fsdp-8gpu.yaml", "fsdp-multinode.yaml", "fsdp-cpu.yaml"}
     loaded = {}
     for name, path in configs.items():
         config = ClusterConfig.from_yaml_file(str(path))  # raises on unknown top-level keys
@@ -93,7 +93,7 @@ def test_accelerate_configs_load_and_name_real_options():
     assert loaded["1gpu.yaml"].distributed_type.value == "NO"
     assert loaded["ddp-8gpu.yaml"].distributed_type.value == "MULTI_GPU"
     assert loaded["ddp-8gpu.yaml"].num_processes == 8
-    for name in ("fsdp-8gpu.yaml", "fsdp-multinode.yaml"):
+    for name in ("fsdp-8gpu.yaml", "fsdp-multinode.yaml", "fsdp-cpu.yaml"):  # fsdp-cpu: the multi-rank tests'
         config = loaded[name]
         assert config.distributed_type.value == "FSDP"
         fsdp = config.fsdp_config

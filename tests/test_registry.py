@@ -25,8 +25,6 @@ def test_registry_has_the_documented_teachers_with_their_defaults():
     assert (d.num_frames, d.height, d.width, d.num_steps, d.guidance_scale, d.flow_shift) == (81, 480, 832, 50, 5.0,
                                                                                             5.0)
     assert d.negative_prompt == WAN_NEGATIVE_PROMPT and d.max_sequence_length == 512
-    assert wan13.disc_layers == (15, 22, 29) and REGISTRY["wan2.1-14b"].disc_layers == (19, 29, 39)
-    assert REGISTRY["wan2.1-14b"].loss_norm_c_per_element == 1e-5
 
 
 def test_local_folder_in_wan_layout_loads_with_the_real_code_and_matches(wan_folder, tiny_teacher):

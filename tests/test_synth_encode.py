@@ -308,7 +308,7 @@ def test_only_rank_zero_of_a_launch_commits(home):
     """Data stages need no process group: a non-main rank never commits; rank 0 commits when all is present."""
     from tmdcli.runtime.dist import DistInfo
     from tmdcli.stages.common import Runtime
-    from tmdcli.stages.synth_videos import finish_when_complete
+    from tmdcli.stages.shard_work import finish_when_complete
 
     staging = Store(home).begin(kind="videos", stage="synth-videos", stage_version=1, config={}, identity_config={})
     names = ["shards/videos-00000.tar", "shards/videos-00001.tar"]
@@ -316,8 +316,9 @@ def test_only_rank_zero_of_a_launch_commits(home):
         staging.write_bytes(name, b"x")
     summarise = lambda: ({"num_items": 0}, {"teacher": "t"})  # noqa: E731
     rank1 = Runtime(console=None, dist=DistInfo(rank=1, world_size=2), worker=1, num_workers=2)
-    assert finish_when_complete(staging, names, rank1, summarise) is None
+    never = lambda todo: pytest.fail(f"nothing to make, asked for {todo}")  # noqa: E731
+    assert finish_when_complete(staging, names, rank1, summarise, make=never, mine=[1]) is None
     rank0 = Runtime(console=None, dist=DistInfo(rank=0, world_size=2), worker=0, num_workers=2)
-    artifact = finish_when_complete(staging, names, rank0, summarise, poll_s=0.01)
+    artifact = finish_when_complete(staging, names, rank0, summarise, make=never, mine=[0], poll_s=0.01)
     assert artifact is not None and artifact.manifest.facts == {"teacher": "t"}
     assert json.loads((artifact.path / "manifest.json").read_text())["env"]["num_workers"] == 2

@@ -5,7 +5,9 @@
     out = gen.generate(["a red circle moving left on a gray background"], seeds=[0])
     gen.write_mp4(out, ["clip.mp4"]); print(out.effective_nfe, out.timings)
 
-The text encoder and the VAE stay resident across calls. `tmd sample` is a thin shell over this module.
+The text encoder and the VAE stay resident across calls. `tmd sample` is a thin shell over this module. Speed
+options (decoder, VAE dtype, compile, attention backend, CUDA graphs): `load_generator(..., speed=SpeedOptions(...))`
+with tmdcli.runtime.speed.SpeedOptions.
 """
 
 from __future__ import annotations
@@ -104,11 +106,14 @@ class VideoGenerator:
 
     def __init__(self, ref: ModelRef, *, device: str = "auto", dtype: str = "auto",
                  inner_steps: int | None = None, init_student: tuple[int, int, int] | None = None,
-                 num_steps: int | None = None, guidance_scale: float | None = None):
+                 num_steps: int | None = None, guidance_scale: float | None = None, speed=None):
         from tmdcli.models.student import StudentConfig, TMDStudent
-        from tmdcli.registry import load_teacher
+        from tmdcli.registry import load_teacher, resolve_device
+        from tmdcli.runtime import speed as speed_options
 
         self.ref = ref
+        self.speed = speed_options.check(speed or speed_options.SpeedOptions())
+        speed_options.check_runtime(self.speed, resolve_device(device))  # before any weights are loaded
         parts = ("vae", "text_encoder") if ref.kind == "student" else ("transformer", "vae", "text_encoder")
         self.teacher = load_teacher(str(ref.teacher.folder or ref.teacher.name), device=device, dtype=dtype,
                                     parts=parts)
@@ -129,6 +134,9 @@ class VideoGenerator:
             self.student.to(self.teacher.device)
         self.num_steps = num_steps or self.defaults.num_steps
         self.guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
+        sampled = self.student.transformer if self.student is not None else self.teacher.transformer
+        speed_options.apply_to_transformer(sampled, self.speed)
+        self.decode = speed_options.make_decoder(self.teacher.vae, self.speed, self.teacher.device)
 
     @property
     def effective_nfe(self) -> float:
@@ -170,7 +178,7 @@ class VideoGenerator:
                 lambda x, t: self.teacher.velocity(x, t, text, text_neg=neg, guidance_scale=self.guidance_scale),
                 noise, num_steps=self.num_steps, flow_shift=d.flow_shift, sampler=d.sampler)
         t2 = now()
-        videos = self.teacher.decode_latents(latents)
+        videos = self.decode(latents.to(device))
         t3 = now()
         timings.text_s, timings.transformer_s, timings.vae_s = t1 - t0, t2 - t1, t3 - t2
         return Generation(videos=videos.cpu(), latents=latents.float().cpu(), prompts=list(prompts),

@@ -17,6 +17,7 @@ import typer
 
 from tmdcli import __version__
 from tmdcli.errors import TmdError, UsageError
+from tmdcli.objectives.u_param import DEFAULT_U_PARAM
 
 app = typer.Typer(name="tmd", no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_show_locals=False,
                   add_completion=True, help="Transition Matching Distillation for Wan2.1 text-to-video models.")
@@ -30,6 +31,10 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda if present)
 DtypeOpt = Annotated[str, typer.Option("--dtype", envvar="TMD_DTYPE", show_envvar=True,
                                        help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+VerifyInputsOpt = Annotated[bool, typer.Option("--verify-inputs/--no-verify-inputs",
+                                               help="Check the input artifacts' sha256 against their manifests first "
+                                                    "(sizes are always checked; each file is hashed once, then "
+                                                    "cached).")]
 DEFAULT_HOME = Path("tmd-home")
 
 
@@ -117,8 +122,10 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version_c
 @guarded
 def make_prompts(
     source: Annotated[str, typer.Option(help="VidProM CSV/Parquet, Parquet/JSONL with a 'prompt' column, text file "
-                                             "(one prompt a line), or toy[:COUNT] / toy-heldout[:COUNT] / "
-                                             "toy-all[:COUNT] (toy grammar captions, default 1024).",
+                                             "(one prompt a line), hf:DATASET[:SPLIT] (a Hugging Face dataset in "
+                                             "the local cache or a save_to_disk folder; offline), or toy[:COUNT] / "
+                                             "toy-heldout[:COUNT] / toy-all[:COUNT] (toy grammar captions, default "
+                                             "1024).",
                                         show_default=False)],
     expander: Annotated[str, typer.Option(help="auto (toy for toy sources, else qwen2.5-7b), none, toy, imported, "
                                                "qwen2.5-3b/7b/14b, a HF repo id in the local cache, or a model "
@@ -164,6 +171,32 @@ def make_prompts(
 # --- synth-videos and encode-latents (data stages 2 and 3) --------------------------------------------------------
 DataShardOpt = Annotated[Optional[str], typer.Option("--shard", help="i/n: this independent job takes every n-th shard "
                                                                  "starting at i (combines with accelerate ranks).")]
+# --- speed options (issue 18), shared by synth-videos, sample and eval; logic in tmdcli/runtime/speed.py ---------
+_SPD = "Speed"
+VaeDtypeOpt = Annotated[str, typer.Option("--vae-dtype", rich_help_panel=_SPD, help="VAE decode dtype: auto (= "
+                                          "float32, exact), float32, bfloat16 (faster, not exact).")]
+DecoderOpt = Annotated[str, typer.Option("--decoder", rich_help_panel=_SPD, help="auto (= wan: chunked exact Wan "
+                                         "decode), wan-stock (diffusers' per-frame loop), taehv:PATH (tiny "
+                                         "approximate decoder, taew2_1 weights).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", rich_help_panel=_SPD, help="torch.compile each DiT block and "
+                                          "the decoder (compile time pays back over many clips).")]
+AttentionOpt = Annotated[Optional[str], typer.Option("--attention", rich_help_panel=_SPD, help="diffusers attention "
+                                                     "backend: native, cudnn, flash, fa3, sage ... (when installed).")]
+CudaGraphsOpt = Annotated[bool, typer.Option("--cuda-graphs", rich_help_panel=_SPD, help="CUDA only: replay the "
+                                             "compiled blocks as CUDA graphs (fixed shapes).")]
+
+
+def _speed_fields(vae_dtype: str, decoder: str, compile_: bool, attention: str | None, cuda_graphs: bool) -> dict:
+    """The speed options as the stage configs' flat fields (runtime/speed.py CONFIG_FIELDS)."""
+    return dict(vae_dtype=vae_dtype, decoder=decoder, compile=compile_, attention=attention, cuda_graphs=cuda_graphs)
+
+
+def _speed(*values):
+    from tmdcli.runtime.speed import SpeedOptions
+
+    return SpeedOptions(**_speed_fields(*values))
+
+
 DataNameOpt = Annotated[Optional[str], typer.Option("--name", help="Output artifact name (default: its id).")]
 _SIZE = "Video size (default: the teacher's)"
 
@@ -192,6 +225,11 @@ def synth_videos(
                                                                       "(encode-latents reuses it).")] = False,
     save_noise: Annotated[bool, typer.Option("--save-noise", help="Also store each initial noise (KD pairs).")]
     = False,
+    kd_pairs: Annotated[bool, typer.Option("--kd-pairs", help="The one-step DMD2-v KD warm-up's (noise, sample) "
+                                                              "pairs (METHOD.md 5.4): saves noise and latents, CFG "
+                                                              "+ skip-layer guidance at block 10.")] = False,
+    skip_layer_guidance: Annotated[Optional[int], typer.Option(help="Block left out of the unconditional pass "
+                                                                   "(skip-layer guidance; --kd-pairs: 10).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Base seed: seed_i = sha256(seed, id). Default: the prompts' "
                                                      "seed column.")] = None,
     shard: DataShardOpt = None,
@@ -199,7 +237,13 @@ def synth_videos(
     home: HomeOpt = DEFAULT_HOME,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    vae_dtype: VaeDtypeOpt = "auto",
+    decoder: DecoderOpt = "auto",
+    compile_: CompileOpt = False,
+    attention: AttentionOpt = None,
+    cuda_graphs: CudaGraphsOpt = False,
     dry_run: DryRunOpt = False,
+    verify_inputs: VerifyInputsOpt = True,
 ):
     """Generate the teacher's videos for a prompts artifact (data stage 2) -> a videos artifact.
 
@@ -212,8 +256,11 @@ def synth_videos(
     config = stage.SynthVideosConfig(teacher=teacher, prompts=prompts, limit=limit, num_steps=steps,
                                      guidance_scale=cfg, flow_shift=shift, num_frames=frames, height=height,
                                      width=width, seed=seed, shard_size=shard_size, save_latents=save_latents,
-                                     save_noise=save_noise, dtype=dtype, batch_size=batch_size, name=name)
-    execute(stage, config, home=home, dry_run=dry_run, shard=shard, device=device)
+                                     save_noise=save_noise, kd_pairs=kd_pairs, skip_layer=skip_layer_guidance,
+                                     dtype=dtype, batch_size=batch_size, name=name,
+                                     **_speed_fields(vae_dtype, decoder, compile_, attention, cuda_graphs))
+    execute(stage, config, home=home, dry_run=dry_run, shard=shard, device=device,
+            verify_inputs=verify_inputs)
 
 
 @app.command("encode-latents", epilog="Examples:\n\n  tmd encode-latents --teacher wan2.1-1.3b\n\n"
@@ -235,6 +282,7 @@ def encode_latents(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     dry_run: DryRunOpt = False,
+    verify_inputs: VerifyInputsOpt = True,
 ):
     """Encode a videos artifact into normalised Wan VAE latents and umT5 text embeddings -> a latents artifact.
 
@@ -246,7 +294,8 @@ def encode_latents(
 
     config = stage.EncodeLatentsConfig(teacher=teacher, videos=videos, reuse_latents=reuse_latents,
                                        storage_dtype=storage_dtype, dtype=dtype, batch_size=batch_size, name=name)
-    execute(stage, config, home=home, dry_run=dry_run, shard=shard, device=device)
+    execute(stage, config, home=home, dry_run=dry_run, shard=shard, device=device,
+            verify_inputs=verify_inputs)
 
 
 # --- training stages (shared options) ---------------------------------------------------------------------------
@@ -282,7 +331,8 @@ TrainNameOpt = Annotated[Optional[str], typer.Option("--name", help="Name of the
                                      "  tmd pretrain-head --teacher tiny-random --n 2 --h 1 --iters 5 --save-every 2\n\n"
                                      "  accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m tmdcli "
                                      "pretrain-head --n 2 --h 5 --checkpointing\n\n"
-                                     "  tmd pretrain-head --n 4 --h 5 --dry-run")
+                                     "  tmd pretrain-head --n 4 --h 5 --dry-run\n\n"
+                                     "  tmd pretrain-head --n 2 --h 5 --u-param paper   # Eq. 14 as printed")
 @guarded
 def pretrain_head(
     n: NOpt,
@@ -297,6 +347,11 @@ def pretrain_head(
     objective: Annotated[str, typer.Option(help="tmmf (TM-MeanFlow) or tm (plain transition matching, r = s; "
                                                 "Table 6 ablation).")] = "tmmf",
     fusion: Annotated[str, typer.Option(help="gated (default) or concat (App. B.3 ablation).")] = "gated",
+    u_param: Annotated[str, typer.Option("--u-param", help="How the head's output becomes the average velocity: "
+                                                           "consistent, u = (y_s - head)/s (default; METHOD.md "
+                                                           "D19), or paper, u = y1 - head (TMD Eq. 14). Stored in "
+                                                           "the student; distill and sample use it.")]
+    = DEFAULT_U_PARAM,
     cfg_scale: Annotated[float, typer.Option(help="CFG scale of the target velocity.")] = 3.0,
     cond_dropout: Annotated[float, typer.Option(help="Condition dropout to the negative prompt.")] = 0.1,
     fd_delta: Annotated[float, typer.Option(help="Finite-difference step of du/ds.")] = 5e-3,
@@ -317,6 +372,7 @@ def pretrain_head(
     home: HomeOpt = DEFAULT_HOME,
     device: DeviceOpt = "auto",
     dry_run: DryRunOpt = False,
+    verify_inputs: VerifyInputsOpt = True,
 ):
     """Stage 1: TM-MeanFlow pretraining of the flow head (and backbone) for one (M, N, H) -> a student artifact.
 
@@ -328,12 +384,13 @@ def pretrain_head(
 
     config = stage.PretrainHeadConfig(
         teacher=teacher, latents=latents, num_outer_steps=m, num_inner_steps=n, num_head_blocks=h, iters=iters, lr=lr,
-        batch=batch, micro_batch=micro_batch, objective=objective, fusion=fusion, cfg_scale=cfg_scale,
-        cond_dropout=cond_dropout, fd_delta=fd_delta, r_equals_s_prob=r_equals_s, norm_c=norm_c,
+        batch=batch, micro_batch=micro_batch, objective=objective, fusion=fusion, u_param=u_param,
+        cfg_scale=cfg_scale, cond_dropout=cond_dropout, fd_delta=fd_delta, r_equals_s_prob=r_equals_s, norm_c=norm_c,
         outer_gamma=outer_gamma, grad_clip=grad_clip, save_every=save_every, log_every=log_every,
         sample_every=sample_every, num_sample_prompts=num_sample_prompts, stop_after=stop_after,
         checkpointing=checkpointing, log_to=log_to, seed=seed, name=name)
-    execute(stage, config, home=home, dry_run=dry_run, device=device)
+    execute(stage, config, home=home, dry_run=dry_run, device=device,
+            verify_inputs=verify_inputs)
 
 
 @app.command("distill", epilog="Examples:\n\n  tmd distill --n 2 --h 5\n\n"
@@ -368,11 +425,19 @@ def distill(
     gan_weight: Annotated[float, typer.Option(help="Weight of the GAN generator loss (0: no discriminator).")] = 0.03,
     t_gamma: Annotated[float, typer.Option(help="Shift of t_dmd.")] = 5.0,
     student_every: Annotated[int, typer.Option(help="Student update every this many iterations.")] = 5,
-    outer_gamma: Annotated[float, typer.Option(help="Shift of the outer grid (5 for 4-step DMD2-v).")] = 10.0,
+    outer_gamma: Annotated[Optional[float], typer.Option(help="Shift of the outer grid. TMD: the Stage-1 student's "
+                                                             "(a different value exits 2); dmd2v: default 10 (5 "
+                                                             "for 4-step DMD2-v).")] = None,
+    u_param: Annotated[Optional[str], typer.Option("--u-param", help="Parametrisation of the average velocity; "
+                                                                     "TMD takes its Stage-1 student's (a different "
+                                                                     "value exits 2).")] = None,
     disc_layers: Annotated[Optional[str], typer.Option(help="Teacher blocks feeding the discriminator heads, e.g. "
                                                            "15,22,29 (default per teacher, TMD Table 7).")] = None,
-    kd_warmup: Annotated[int, typer.Option(help="KD warm-up iterations first (one-step DMD2-v only; the teacher's "
-                                                "noise is redrawn from each clip's seed).")] = 0,
+    kd_warmup: Annotated[int, typer.Option(help="KD warm-up iterations first (one-step DMD2-v only), on the "
+                                                "teacher's (noise, sample) pairs of --kd-pairs.")] = 0,
+    kd_pairs: Annotated[Optional[str], typer.Option(help="KD pairs: latents (or videos) made with `synth-videos "
+                                                         "--kd-pairs` (default: the newest for this teacher).",
+                                                    autocompletion=complete_ref)] = None,
     grad_clip: GradClipOpt = 10.0,
     save_every: SaveEveryOpt = 500,
     log_every: LogEveryOpt = 10,
@@ -380,12 +445,18 @@ def distill(
     num_sample_prompts: SamplePromptsOpt = 2,
     stop_after: StopAfterOpt = None,
     checkpointing: CheckpointingOpt = False,
+    lora_rank: Annotated[int, typer.Option(help="LoRA adapters of this rank on the blocks of the student and fake "
+                                                "score instead of full fine-tuning (0: off; needs tmdcli[lora]).")] = 0,
+    lora_targets: Annotated[Optional[str], typer.Option(help="Block linears LoRA adapts, comma-separated suffixes "
+                                                            "(default: to_q,to_k,to_v,to_out.0,ffn.net.0.proj,"
+                                                            "ffn.net.2).")] = None,
     log_to: LogToOpt = "none",
     seed: SeedOpt = 0,
     name: TrainNameOpt = None,
     home: HomeOpt = DEFAULT_HOME,
     device: DeviceOpt = "auto",
     dry_run: DryRunOpt = False,
+    verify_inputs: VerifyInputsOpt = True,
 ):
     """Stage 2: DMD2-v with flow-head rollout (or the DMD2-v baseline) -> a student artifact.
 
@@ -403,10 +474,13 @@ def distill(
         method=method, teacher=teacher, latents=latents, init=init, num_outer_steps=m, num_inner_steps=n,
         num_head_blocks=h, iters=iters, lr=lr, batch=batch, micro_batch=micro_batch, rollout=rollout,
         guidance_scale=guidance_scale, gan_weight=gan_weight, t_gamma=t_gamma, student_every=student_every,
-        outer_gamma=outer_gamma, kd_warmup=kd_warmup, grad_clip=grad_clip, save_every=save_every,
+        outer_gamma=outer_gamma, u_param=u_param, kd_warmup=kd_warmup, kd_pairs=kd_pairs, grad_clip=grad_clip,
+        save_every=save_every,
         log_every=log_every, sample_every=sample_every, num_sample_prompts=num_sample_prompts, stop_after=stop_after,
-        checkpointing=checkpointing, log_to=log_to, seed=seed, name=name)
-    execute(stage, config, home=home, dry_run=dry_run, device=device)
+        checkpointing=checkpointing, log_to=log_to, seed=seed, name=name, lora_rank=lora_rank,
+        lora_targets=tuple(lora_targets.split(",")) if lora_targets else None)
+    execute(stage, config, home=home, dry_run=dry_run, device=device,
+            verify_inputs=verify_inputs)
 
 
 # --- sample ---------------------------------------------------------------------------------------------------
@@ -439,7 +513,13 @@ def sample(
     home: HomeOpt = DEFAULT_HOME,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    vae_dtype: VaeDtypeOpt = "auto",
+    decoder: DecoderOpt = "auto",
+    compile_: CompileOpt = False,
+    attention: AttentionOpt = None,
+    cuda_graphs: CudaGraphsOpt = False,
     dry_run: DryRunOpt = False,
+    verify_inputs: VerifyInputsOpt = True,
     json_out: JsonOpt = False,
 ):
     """Generate videos with a student (TMD Algorithm 1) or a teacher (its own 50-step CFG sampler).
@@ -452,7 +532,9 @@ def sample(
     request = stage.SampleRequest(prompt=prompt, prompts_file=prompts_file, model=model, out=out, seed=seed,
                                   num_frames=frames, height=height, width=width, batch_size=batch_size,
                                   num_outer_steps=m, num_inner_steps=n, num_head_blocks=h, num_steps=steps,
-                                  guidance_scale=cfg, home=home, device=device, dtype=dtype)
+                                  guidance_scale=cfg, home=home, device=device, dtype=dtype, dry_run=dry_run,
+                                  verify_inputs=verify_inputs,
+                                  speed=_speed(vae_dtype, decoder, compile_, attention, cuda_graphs))
     console = _stderr()
     if dry_run and model in (None, "latest", "student:latest") and not _has_students(home):
         # a recipe's DRY_RUN: the student is made by the distill plan printed before this one
@@ -527,13 +609,19 @@ def eval_(
     home: HomeOpt = DEFAULT_HOME,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    vae_dtype: VaeDtypeOpt = "auto",
+    decoder: DecoderOpt = "auto",
+    compile_: CompileOpt = False,
+    attention: AttentionOpt = None,
+    cuda_graphs: CudaGraphsOpt = False,
     dry_run: DryRunOpt = False,
+    verify_inputs: VerifyInputsOpt = True,
 ):
     """Compare models on the same prompts and seeds -> an eval artifact with a report.
 
-    Writes results.json, report.md (model, effective NFE, metrics, time split), quality_vs_nfe.png and gallery.html
-    (clips side by side), keeps the samples, prints the table on stderr and the artifact path on stdout. A rerun
-    resumes without regenerating.
+    Writes results.json, report.md (model, effective NFE, metrics, time split), quality_vs_nfe.png, gallery.html
+    (clips side by side) and gallery.png (its screenshot, when headless Chromium is installed), keeps the samples,
+    prints the table on stderr and the artifact path on stdout. A rerun resumes without regenerating.
     """
     from tmdcli.stages import eval as stage
     from tmdcli.stages.common import execute
@@ -545,8 +633,10 @@ def eval_(
         clip_model=str(clip_model) if clip_model else None, clip_arch=clip_arch, collapse_ratio=collapse_ratio,
         dimensions=tuple(d.strip() for d in dimensions.split(",") if d.strip()) if dimensions else None,
         augmented_prompts=str(augmented_prompts) if augmented_prompts else None, vbench_python=vbench_python,
-        vbench_cache=str(vbench_cache) if vbench_cache else None, dtype=dtype, batch_size=batch_size, name=name)
-    execute(stage, config, home=home, dry_run=dry_run, device=device)
+        vbench_cache=str(vbench_cache) if vbench_cache else None, dtype=dtype, batch_size=batch_size, name=name,
+        **_speed_fields(vae_dtype, decoder, compile_, attention, cuda_graphs))
+    execute(stage, config, home=home, dry_run=dry_run, device=device,
+            verify_inputs=verify_inputs)
 
 
 # --- inspection -----------------------------------------------------------------------------------------------
@@ -641,4 +731,8 @@ def verify(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # a Ctrl-C while the commands are being built, before `guarded` runs: still 130
+        _report("interrupted", None)
+        sys.exit(130)

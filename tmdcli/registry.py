@@ -31,16 +31,15 @@ class TeacherEntry:
     folder: str | None = None
     description: str = ""
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
-    loss_norm_c_per_element: float = 1.0  # TM-MF adaptive-loss constant c = this * d (1.3B: d; 14B: 1e-5 d)
-    disc_layers: tuple[int, ...] = ()  # teacher blocks that feed the GAN heads
+    # Training defaults (lr, loss constant c, discriminator blocks) are not here: they follow the transformer's
+    # config, whatever the name (models/family.py), so a 14B checkpoint given as a folder gets the 14B values.
 
 
 REGISTRY: dict[str, TeacherEntry] = {
     "wan2.1-1.3b": TeacherEntry(name="wan2.1-1.3b", kind="hub-cache", repo_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-                                description="Wan2.1 T2V 1.3B (30 blocks, D=1536)", disc_layers=(15, 22, 29)),
+                                description="Wan2.1 T2V 1.3B (30 blocks, D=1536)"),
     "wan2.1-14b": TeacherEntry(name="wan2.1-14b", kind="hub-cache", repo_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-                               description="Wan2.1 T2V 14B (40 blocks, D=5120)", loss_norm_c_per_element=1e-5,
-                               disc_layers=(19, 29, 39)),
+                               description="Wan2.1 T2V 14B (40 blocks, D=5120)"),
     "toy": TeacherEntry(name="toy", kind="folder", folder=str(TOY_BUNDLE_DIR),
                         description="toy world teacher bundled with tmdcli (17x32x32 clips)",
                         defaults=SamplingDefaults(num_frames=17, height=32, width=32, fps=8, max_sequence_length=32,
@@ -48,8 +47,7 @@ REGISTRY: dict[str, TeacherEntry] = {
     "tiny-random": TeacherEntry(name="tiny-random", kind="builtin",
                                 description="hermetic random 4-block Wan for tests (9x32x32 clips, seconds on a CPU)",
                                 defaults=SamplingDefaults(num_frames=9, height=32, width=32, max_sequence_length=32,
-                                                          fps=8),
-                                disc_layers=(1, 2, 3)),
+                                                          fps=8)),
 }
 
 

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from tmdcli.objectives.grids import shift
+from tmdcli.objectives.u_param import flow_map_step
 
 HeadFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (y_s, s, r) -> head output
 
@@ -25,13 +26,15 @@ def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def inner_flow(head_fn: HeadFn, y1: torch.Tensor, inner_grid: Sequence[float], *,
+def inner_flow(head_fn: HeadFn, y1: torch.Tensor, inner_grid: Sequence[float], *, u_param: str,
                detach_between_steps: bool = False) -> torch.Tensor:
-    """The inner flow map from s_N to s_0 = 0 (TMD Alg. 1, inner loop): y <- y - (s_j - s_{j-1}) (y1 - head).
+    """The inner flow map from s_N to s_0 = 0 (TMD Alg. 1, inner loop): y <- y - (s_j - s_{j-1}) u.
 
-    Starts from y = y1 at s_N (the grid's last value) and returns y_hat, the sampled y = x1 - x. With gradients on,
-    the whole N-step rollout is differentiated (TMD Sec. 3.2); `detach_between_steps` cuts the graph before each
-    step, so only the last head call receives gradients (the no-rollout ablation, Fig. 7).
+    u is the head's average velocity in the student's parametrisation (`paper`: y1 - head, Eq. 14; `consistent`:
+    (y - head) / s, D19). Starts from y = y1 at s_N (the grid's last value) and returns y_hat, the sampled
+    y = x1 - x. With gradients on, the whole N-step rollout is differentiated (TMD Sec. 3.2);
+    `detach_between_steps` cuts the graph before each step, so only the last head call receives gradients (the
+    no-rollout ablation, Fig. 7).
     """
     batch = y1.shape[0]
     y = y1
@@ -40,10 +43,7 @@ def inner_flow(head_fn: HeadFn, y1: torch.Tensor, inner_grid: Sequence[float], *
             y = y.detach()
         s = torch.full((batch,), inner_grid[j], dtype=torch.float64, device=y1.device)
         r = torch.full((batch,), inner_grid[j - 1], dtype=torch.float64, device=y1.device)
-        ds = inner_grid[j] - inner_grid[j - 1]
-        # f = y_s - (s - r) u with u = y1 - head (Eq. 14, sign D4), expanded as y_s - (s - r) y1 + (s - r) head:
-        # the same value, but with y_s = y1 and s - r = 1 it returns head bit for bit (init-equivalence test).
-        y = (y - ds * y1) + ds * head_fn(y, s, r).to(y1.dtype)
+        y = flow_map_step(u_param, y, head_fn(y, s, r).to(y1.dtype), y1, inner_grid[j], inner_grid[j - 1])
     return y
 
 

@@ -19,6 +19,63 @@ class MediaError(UsageError):
     """A video file that cannot be read or written (missing, corrupt, not a video)."""
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Finding ffmpeg (before any work: a missing binary would otherwise surface after minutes of sampling)
+
+FFMPEG_FIX = ("pip install 'imageio-ffmpeg>=0.4.9' (its platform wheel carries an ffmpeg binary; 0.4.9's is 27 MB), "
+              "or install a system ffmpeg and set IMAGEIO_FFMPEG_EXE=/path/to/ffmpeg")
+_FFMPEG_FOUND: dict[str, str] = {}  # executable -> its `-version` line, so each process runs `ffmpeg -version` once
+
+
+def find_ffmpeg() -> tuple[str, str]:
+    """(executable, version line) of the ffmpeg imageio will run, as imageio-ffmpeg picks it: IMAGEIO_FFMPEG_EXE,
+    else the binary in the imageio-ffmpeg wheel, else a conda or system ffmpeg on PATH. The binary is run once
+    (`ffmpeg -version`) to prove it works. Raises MediaError (exit 2) with the fix when there is none."""
+    import shutil
+    import subprocess
+
+    try:
+        import imageio_ffmpeg  # imageio's ffmpeg plugin needs it even to drive a system ffmpeg
+    except ImportError:
+        raise MediaError("imageio-ffmpeg is not installed, so imageio cannot run ffmpeg", hint=FFMPEG_FIX) from None
+    env_exe = os.environ.get("IMAGEIO_FFMPEG_EXE")
+    if env_exe:
+        exe = shutil.which(env_exe)  # a name on PATH or a path; None when missing or not executable
+        if exe is None:
+            raise MediaError(f"IMAGEIO_FFMPEG_EXE={env_exe} is not an executable ffmpeg",
+                             hint="point it at an ffmpeg binary, or unset it to use imageio-ffmpeg's own; "
+                                  + FFMPEG_FIX)
+    else:
+        try:
+            exe = imageio_ffmpeg.get_ffmpeg_exe()
+        except RuntimeError:  # no binary in the wheel (a platform without one) and none on the system
+            raise MediaError("no ffmpeg found (imageio-ffmpeg carries no binary here and none is on PATH)",
+                             hint=FFMPEG_FIX) from None
+    if exe not in _FFMPEG_FOUND:
+        try:
+            out = subprocess.run([exe, "-version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise MediaError(f"ffmpeg at {exe} does not run: {exc}", hint=FFMPEG_FIX) from None
+        if out.returncode != 0:
+            raise MediaError(f"ffmpeg at {exe} does not run (`-version` exit {out.returncode})", hint=FFMPEG_FIX)
+        first = (out.stdout.splitlines() or ["ffmpeg (unknown version)"])[0]
+        _FFMPEG_FOUND[exe] = first.split(" Copyright")[0].strip()
+    return exe, _FFMPEG_FOUND[exe]
+
+
+def ffmpeg_plan_row(*, required: bool) -> tuple[str, str]:
+    """The plan's `ffmpeg` row for a stage that writes or reads mp4. Without one, a run that will work
+    (`required`) stops here with exit 2; a dry run or an up-to-date stage shows what is missing instead, as plans
+    do for a missing input."""
+    try:
+        exe, version = find_ffmpeg()
+    except MediaError as exc:
+        if required:
+            raise
+        return "ffmpeg", f"NOT FOUND: {exc.message} ({exc.hint}); a real run stops here with exit 2"
+    return "ffmpeg", f"{exe} ({version})"
+
+
 def _check_frames(frames: np.ndarray) -> None:
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
         got = f"{type(frames).__name__} {getattr(frames, 'dtype', '')}"
@@ -49,6 +106,8 @@ def write_mp4(
     """
     import imageio.v2 as imageio  # lazy: keeps `import tmdcli.artifacts.media` cheap
 
+    from tmdcli.runtime.interrupts import sigint_point
+
     _check_frames(frames_uint8)
     height, width = frames_uint8.shape[1:3]
     if pixelformat == "yuv420p" and (height % 2 or width % 2):
@@ -67,6 +126,7 @@ def write_mp4(
         try:
             for frame in frames_uint8:
                 writer.append_data(np.ascontiguousarray(frame))
+            sigint_point("mp4")  # ffmpeg is running: where a Ctrl-C used to be lost (tests interrupt here)
         finally:
             writer.close()
         os.replace(tmp, path)

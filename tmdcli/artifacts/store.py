@@ -3,6 +3,7 @@
 A stage writes into `<home>/<kind>/.staging-<id>/`; `commit()` writes `manifest.json` last and renames the folder
 into place, so a reader never sees half an artifact. The id derives from the fingerprint, which is known before
 the stage runs: rerunning the same configuration finds the finished artifact, or resumes the staging folder.
+Several processes may write one staging folder; locks.py makes the commit wait for them and happen once.
 """
 
 from __future__ import annotations
@@ -13,21 +14,28 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import ClassVar, Iterator, Sequence
+from typing import Iterator, Sequence
 
+from tmdcli.artifacts.artifact import (  # noqa: F401 (re-exported: readers import them from the store)
+    Artifact,
+    MissingInput,
+    PlannedInput,
+    is_planned,
+    load_artifact,
+)
 from tmdcli.artifacts.fingerprint import HashingWriter, canonical_json, fingerprint_hex, sha256_file, stage_fingerprint
+from tmdcli.artifacts.locks import CLAIMS_DIR, StagingLock
 from tmdcli.artifacts.manifest import (
     MANIFEST_NAME,
     Manifest,
     fsync_dir,
     parse_time,
-    read_manifest,
     utc_now_iso,
     write_manifest_atomic,
 )
-from tmdcli.errors import ArtifactError, IntegrityError
+from tmdcli.errors import ArtifactError, IntegrityError, UsageError
+from tmdcli.runtime import interrupts
 
 KINDS = ("prompts", "videos", "latents", "student", "eval", "samples")
 
@@ -44,85 +52,9 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
 STAGING_PREFIX = ".staging-"
 STAGING_META = ".staging.json"  # fingerprint and config of a staging folder, checked when a rerun resumes it
 HASHES_DIR = ".hashes"  # per-file sidecars with the sha256 computed while writing
+_BOOKKEEPING = (HASHES_DIR, CLAIMS_DIR)  # store folders inside a staging folder, removed by the commit
 _TMP_RE = re.compile(r"\.tmp-\d+")  # `<name>.tmp-<pid>[.ext]`: a write that never finished
 _MAX_LISTED = 5
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Artifacts
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A complete artifact: its folder holds every file its manifest lists."""
-
-    id: str
-    kind: str
-    path: Path
-    manifest: Manifest
-    missing: ClassVar[bool] = False
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest.fingerprint
-
-    @property
-    def created_at(self) -> str:
-        return self.manifest.created_at
-
-    def file(self, relpath: str) -> Path:
-        """The path of one of the artifact's files."""
-        return self.path / relpath
-
-
-@dataclass(frozen=True)
-class MissingInput:
-    """Lineage placeholder for an input that a manifest names but this home no longer holds (or holds changed)."""
-
-    id: str
-    kind: str
-    role: str
-    fingerprint: str
-    reason: str
-    missing: ClassVar[bool] = True
-
-    @property
-    def name(self) -> str:
-        return self.id
-
-
-@dataclass
-class PlannedInput:
-    """An input that does not exist yet, in a `--dry-run` of a chain of stages (a recipe's DRY_RUN): the stage
-    before makes it. Plans show it as "not made yet" and size their estimates from the teacher's defaults."""
-
-    kind: str
-    planned: ClassVar[bool] = True
-
-    @property
-    def id(self) -> str:
-        return f"(new {self.kind}, made by the stage before)"
-
-    @property
-    def fingerprint(self) -> str:
-        return f"planned:{self.kind}"
-
-    name = id
-
-
-def is_planned(artifact) -> bool:
-    return getattr(artifact, "planned", False)
-
-
-def load_artifact(path: str | os.PathLike) -> Artifact:
-    """Read the artifact in folder `path` (raises ArtifactError when it has no valid manifest)."""
-    path = Path(path)
-    manifest = read_manifest(path / MANIFEST_NAME)
-    return Artifact(id=manifest.id, kind=manifest.kind, path=path, manifest=manifest)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -155,7 +87,7 @@ def _walk_files(root: Path) -> Iterator[tuple[str, Path]]:
     """(relative posix path, path) of every file under `root`, sorted, sidecar folder excluded."""
     for dirpath, dirnames, filenames in os.walk(root):
         if Path(dirpath) == root:
-            dirnames[:] = [d for d in dirnames if d != HASHES_DIR]
+            dirnames[:] = [d for d in dirnames if d not in _BOOKKEEPING]
         dirnames.sort()
         rel_dir = Path(dirpath).relative_to(root)
         for filename in sorted(filenames):
@@ -219,6 +151,7 @@ class Staging:
         external_models: list[dict],
         path: Path,
         artifact: Artifact | None = None,
+        lock: StagingLock | None = None,
     ):
         self.store = store
         self.kind = kind
@@ -232,6 +165,7 @@ class Staging:
         self.external_models = external_models
         self.path = path
         self.artifact = artifact
+        self.lock = lock  # held while this process writes here (locks.py); None for ranks that never write
         self._started = time.monotonic()
 
     @property
@@ -250,8 +184,11 @@ class Staging:
             raise ArtifactError(f"{self.id} is complete; its files cannot change", hint="nothing is ever overwritten")
         rel = _safe_relpath(relpath)
         top = rel.split("/")[0]
-        if rel in (MANIFEST_NAME, STAGING_META) or top == HASHES_DIR or _is_tmp(rel.rsplit("/", 1)[-1]):
+        if rel in (MANIFEST_NAME, STAGING_META) or top in _BOOKKEEPING or _is_tmp(rel.rsplit("/", 1)[-1]):
             raise ArtifactError(f"{rel!r} is a name the store reserves for itself")
+        if not self.path.is_dir():  # committed by another process: writing would recreate a stale staging folder
+            raise ArtifactError(f"staging folder {self.path} is gone (committed or removed)",
+                                hint="rerun the same command: it finds the artifact or starts over")
         return rel, self.path / rel
 
     def write_bytes(self, relpath: str | os.PathLike, data: bytes) -> Path:
@@ -276,6 +213,7 @@ class Staging:
                 yield writer
                 raw.flush()
                 os.fsync(raw.fileno())
+            interrupts.check()  # written while a SIGINT was pending (perhaps dropped): do not keep it
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -299,6 +237,7 @@ class Staging:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             digest, size = sha256_file(tmp)
+            interrupts.check()  # written while a SIGINT was pending (perhaps dropped): do not keep it
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -357,6 +296,8 @@ class Staging:
                 f"{existing.path} already exists with another fingerprint; it is never overwritten",
                 hint="move that folder away if it is stale",
             )
+        if self.lock is not None:
+            self.lock.discard()
         self.artifact = existing
         return existing
 
@@ -385,6 +326,10 @@ class Staging:
         """
         if self.artifact is not None:
             return self.artifact
+        interrupts.check()  # a SIGINT, even one whose KeyboardInterrupt was dropped, never ends in a commit
+        if self.lock is None:
+            self.lock = StagingLock.of(self.store.home, self.kind, self.id)
+        self.lock.to_exclusive()  # from here on no other process writes into the staging folder
         existing = self.store._existing(self.kind, self.id)
         if existing is not None:
             return self._adopt(existing)
@@ -417,9 +362,11 @@ class Staging:
             if env:
                 manifest.env.update(env)
             # Store bookkeeping goes before the manifest: the manifest is the last file written.
-            shutil.rmtree(self.path / HASHES_DIR, ignore_errors=True)
+            for folder in _BOOKKEEPING:
+                shutil.rmtree(self.path / folder, ignore_errors=True)
             (self.path / STAGING_META).unlink(missing_ok=True)
             write_manifest_atomic(self.path / MANIFEST_NAME, manifest)
+            interrupts.check()  # still resumable: a rerun rewrites the manifest
             # A directory rename fails when the target exists and is not empty: it cannot overwrite an artifact.
             os.replace(self.path, final)
         except OSError:
@@ -429,13 +376,29 @@ class Staging:
                 return self._adopt(existing)
             raise
         fsync_dir(final.parent)
+        self.lock.release_committed()
         self.path = final
         self.artifact = Artifact(id=self.id, kind=self.kind, path=final, manifest=manifest)
         return self.artifact
 
+    def release(self) -> None:
+        """This process stops writing here (its staging lock is released; see locks.py)."""
+        if self.lock is not None:
+            self.lock.release()
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Store
+
+
+def check_home(home: Path) -> None:
+    """A home is a folder or does not exist yet (it is created on the first write); a regular file, or a path
+    under one, is a usage error (exit 2), not an empty home."""
+    existing = next((p for p in (home, *home.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is" if existing == home else f"lies under {existing}, which is"
+        raise UsageError(f"--home {home} {where} a file, not a folder",
+                         hint="pass a folder for the artifacts (created when missing), or set TMD_HOME to one")
 
 
 class Store:
@@ -446,6 +409,7 @@ class Store:
     def __init__(self, home: str | os.PathLike):
         # Absolute, so that paths recorded or printed stay valid after a chdir (no resolve: keep symlinked homes).
         self.home = Path(home).expanduser().absolute()
+        check_home(self.home)
 
     def __repr__(self) -> str:
         return f"Store({str(self.home)!r})"
@@ -463,6 +427,7 @@ class Store:
         inputs: Sequence[tuple[str, Artifact]] = (),
         external_models: Sequence[dict] = (),
         name: str | None = None,
+        writer: str = "shared",
     ) -> Staging:
         """Start (or resume, or find complete) the output of a stage.
 
@@ -474,9 +439,11 @@ class Store:
             inputs: (role, artifact) pairs; their fingerprints enter the fingerprint.
             external_models: e.g. [{"name": ..., "revision": ...}]; fingerprinted.
             name: the artifact's name, unique per kind; default the id (or the name a resumed run was given).
+            writer: "shared" (cooperating workers write shards side by side), "only" (a single-writer stage: exit
+                2 while another process writes this artifact) or "none" (a rank that never writes). See locks.py.
 
         Returns:
-            A Staging; `complete` is True when the artifact exists already.
+            A Staging; `complete` is True when the artifact exists already. Call `release()` when done with it.
         """
         self._check_kind(kind)
         external_models = [dict(m) for m in external_models]
@@ -500,19 +467,38 @@ class Store:
         if existing is not None:
             return Staging(self, **fields, path=existing.path, artifact=existing)
         self._check_name_free(kind, name, artifact_id)
+        lock = None if writer == "none" else StagingLock.of(self.home, kind, artifact_id)
+        if lock is not None:
+            if writer == "only":
+                lock.take(stage)  # exit 2 while another run writes this artifact
+            else:
+                lock.join()  # waits only while another process commits it
+            existing = self._existing(kind, artifact_id)  # committed while we waited
+            if existing is not None:
+                lock.discard()
+                return Staging(self, **fields, path=existing.path, artifact=existing)
+            meta = self._read_staging_meta(staging_path)
+        try:
+            self._prepare_staging(staging_path, meta, fields, identity_config)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return Staging(self, **fields, path=staging_path, lock=lock)
 
+    @staticmethod
+    def _prepare_staging(staging_path: Path, meta: dict | None, fields: dict, identity_config: dict) -> None:
         staging_path.mkdir(parents=True, exist_ok=True)
         if meta is None:
             identity = json.loads(canonical_json(identity_config))
             meta = {**fields, "identity_config": identity, "started_at": utc_now_iso()}
             _write_json_atomic(staging_path / STAGING_META, meta, fsync=True)
-        elif meta.get("fingerprint") != fingerprint:
+        elif meta.get("fingerprint") != fields["fingerprint"]:
             # Cannot happen unless the folder was edited or copied: the id is derived from the fingerprint.
             raise ArtifactError(
                 f"staging folder {staging_path} belongs to another configuration ({meta.get('fingerprint')})",
                 hint="delete that folder to start over",
             )
-        return Staging(self, **fields, path=staging_path)
 
     @staticmethod
     def _read_staging_meta(staging_path: Path) -> dict | None:
@@ -658,29 +644,9 @@ class Store:
 
     def verify(self, artifact: Artifact) -> list[str]:
         """Re-hash every file against the manifest. Returns the problems found, each naming its file; [] = OK."""
-        problems = []
-        listed = set()
-        for entry in artifact.manifest.files:
-            rel = entry["path"]
-            listed.add(rel)
-            try:
-                path = artifact.path / _safe_relpath(rel)
-            except ArtifactError:
-                problems.append(f"unsafe path in manifest: {rel}")
-                continue
-            if not path.is_file():
-                problems.append(f"missing file: {rel}")
-                continue
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                problems.append(f"size mismatch: {rel} (manifest {entry['bytes']} bytes, found {size})")
-                continue
-            if sha256_file(path)[0] != entry["sha256"]:
-                problems.append(f"sha256 mismatch: {rel}")
-        for rel, _ in _walk_files(artifact.path):
-            if rel != MANIFEST_NAME and rel not in listed:
-                problems.append(f"unexpected file: {rel}")
-        return problems
+        from tmdcli.artifacts.verify_inputs import file_problems, plain_sha256
+
+        return file_problems(artifact, plain_sha256)
 
     def check(self, artifact: Artifact) -> None:
         """`verify`, raising IntegrityError (exit 1) when anything is wrong."""

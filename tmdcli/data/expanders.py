@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 
 import hashlib
-import importlib.util
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from tmdcli.errors import UsageError
+from tmdcli.optional import check, require
 
 # Our own system prompt. Its intent follows EVAL.md 5.1 (rewrite a short video prompt into a richer one without
 # changing its meaning); the wording is ours. Its sha256 enters the output's fingerprint.
@@ -168,9 +168,8 @@ def resolve_expander(name: str, *, backend: str, toy_source: bool) -> ExpanderRe
     the local cache, or a local model folder. Raises UsageError (exit 2) for unknown names and missing models."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown --backend {backend!r}", hint=f"one of: {', '.join(BACKENDS)}")
-    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise UsageError("--backend vllm needs the vllm package, which is not installed",
-                         hint="pip install vllm (GPU only), or use --backend transformers")
+    if backend == "vllm":
+        check("vllm", extra="vllm", purpose="--backend vllm", alternative="use --backend transformers (vllm: GPU only)")
     name = (name or "auto").strip()
     if name == "auto":
         name = "toy" if toy_source else DEFAULT_MODEL
@@ -405,6 +404,7 @@ class VllmExpander(_LMExpander):
     """vLLM offline chat with per-request seeds and prefix caching (the shared system prompt is prefilled once)."""
 
     def __init__(self, folder: Path, settings: GenerationSettings, *, dtype: str = "auto", seed: int = 0):
+        require("vllm", extra="vllm", purpose="--backend vllm")
         from vllm import LLM, SamplingParams
 
         self.settings = settings

@@ -46,6 +46,22 @@ class _Item:
     seed: int | None  # the seed synth-videos drew the clip's noise from
 
 
+def resume_position(position: int, old_world: int, new_world: int, num_items: int) -> int:
+    """This rank's epoch position after a resume under `new_world` ranks from one saved under `old_world`.
+
+    Rank r of W visits items r, r + W, ... of the epoch order (cut to a multiple of W), so the ranks together have
+    consumed the first `position x W` items of it. Another world size continues from the same item when that count
+    splits evenly over its ranks and both cut the epoch order at the same length; anything else would skip or
+    repeat items, so it is refused."""
+    if old_world == new_world:
+        return position
+    consumed = position * old_world
+    if consumed % new_world or num_items // old_world * old_world != num_items // new_world * new_world:
+        raise ValueError(f"the checkpoint was written by {old_world} process(es) after {consumed} items of the epoch;"
+                         f" {new_world} process(es) cannot continue from exactly there ({num_items} items)")
+    return consumed // new_world
+
+
 class LatentLoader:
     """Batches of latents, text embeddings and the negative embedding from a `latents` artifact.
 
@@ -158,14 +174,17 @@ class LatentLoader:
                 "num_items": self.num_items, "artifact": self.artifact.id}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` was taken. The data, seed, shuffle and world size must be the same."""
-        for key in ("num_items", "seed", "world_size", "shuffle"):
+        """Continue exactly where `state` was taken. The data, seed and shuffle must be the same; the world size may
+        change (a run started on 2 GPUs resumes on 1 or 4) when `resume_position` can map the position."""
+        for key in ("num_items", "seed", "shuffle"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"loader state has {key}={state[key]!r}, this loader {getattr(self, key)!r}: "
                                  f"the position would mean other items")
-        if not 0 <= state["position"] <= self.per_rank:
+        position = resume_position(int(state["position"]), int(state["world_size"]), self.world_size,
+                                   self.num_items)
+        if not 0 <= position <= self.per_rank:
             raise ValueError(f"loader state position {state['position']} is outside the epoch ({self.per_rank})")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.position = int(state["epoch"]), position
 
     def first_items(self, count: int) -> dict:
         """A fixed batch of the `count` lowest-id items (validation prompts whose embeddings are stored here)."""

@@ -1,6 +1,6 @@
-"""Prompt sources for `make-prompts` (VidProM CSV/Parquet, Parquet/JSONL with a `prompt` column, plain text, the
-toy grammar) and the filter chain of EVAL.md section 4.4 (clean, NSFW scores, language, length, blocklist,
-dedupe, VBench decontamination, deterministic limit), each step counted.
+"""Prompt sources for `make-prompts` (VidProM CSV/Parquet, Parquet/JSONL with a `prompt` column, plain text, a
+Hugging Face dataset read offline, the toy grammar) and the filter chain of EVAL.md section 4.4 (clean, NSFW scores,
+language, length, blocklist, dedupe, VBench decontamination, deterministic limit), each step counted.
 
 No torch: `plan()` reads and filters the source to show counts under --dry-run. pyarrow is imported lazily.
 """
@@ -35,17 +35,22 @@ VIDPROM_LICENSE = "CC-BY-NC-4.0 (VidProM)"
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """A parsed `--source`: a file of a known format, or the toy grammar (split, count)."""
+    """A parsed `--source`: a file of a known format, a Hugging Face dataset on this machine, or the toy grammar."""
 
-    kind: str  # "file" or "toy"
-    path: Path | None = None
-    format: str | None = None  # csv, parquet, jsonl, text
+    kind: str  # "file", "hf" or "toy"
+    path: Path | None = None  # the file; for hf the save_to_disk folder or the cached snapshot folder
+    format: str | None = None  # csv, parquet, jsonl, text; hf-saved (save_to_disk) or hf-snapshot (hub cache)
     toy_split: str | None = None  # train, heldout, all
     toy_count: int = 0
+    dataset: str | None = None  # hf: the repo id or folder as given
+    split: str | None = None  # hf: the split (None: a saved single Dataset, or "train")
 
     def describe(self) -> str:
         if self.kind == "toy":
             return f"toy grammar, {self.toy_split} split, {self.toy_count} captions"
+        if self.kind == "hf":
+            where = f"snapshot {self.path}" if self.format == "hf-snapshot" else "save_to_disk folder"
+            return f"hf:{self.dataset}" + (f" split {self.split}" if self.split else "") + f" ({where})"
         return f"{self.path} ({self.format})"
 
 
@@ -54,6 +59,8 @@ def parse_source(text: str) -> SourceSpec:
     text = (text or "").strip()
     if not text:
         raise UsageError("--source is empty", hint="give a prompt file (csv, parquet, jsonl, txt) or toy[:COUNT]")
+    if text.startswith(HF_PREFIX):
+        return parse_hf_source(text)
     head, sep, count_text = text.partition(":")
     if head in TOY_SPLITS and not Path(text).exists():
         count = DEFAULT_TOY_COUNT
@@ -80,6 +87,99 @@ def parse_source(text: str) -> SourceSpec:
     return SourceSpec(kind="file", path=path, format=fmt)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# hf:DATASET[:SPLIT], a Hugging Face dataset already on this machine (never downloaded)
+
+HF_PREFIX = "hf:"
+HF_DEFAULT_SPLIT = "train"
+
+
+def _hf_missing(name: str, where: str) -> UsageError:
+    # "does not exist" lets a dry run show the missing source as a plan line (stages/make_prompts.py)
+    return UsageError(f"Hugging Face dataset {name} does not exist on this machine ({where}); tmd reads datasets "
+                      f"offline and never downloads one",
+                      hint=f"fetch it with `hf download --repo-type dataset {name}`, or pass a folder written by "
+                           f"datasets' Dataset.save_to_disk as hf:FOLDER")
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (state.json) or `DatasetDict.save_to_disk` (dataset_dict.json)."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def parse_hf_source(text: str) -> SourceSpec:
+    """`hf:NAME[:SPLIT]`: NAME a folder saved by `save_to_disk`, or a dataset repo id whose snapshot is in the
+    local Hugging Face cache (`hf download --repo-type dataset NAME`); located without the network."""
+    name, _, split = text[len(HF_PREFIX):].partition(":")
+    name, split = name.strip(), split.strip() or None
+    if not name:
+        raise UsageError(f"--source {text}: no dataset named", hint="e.g. --source hf:WenhaoWang/VidProM:train")
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not is_saved_dataset(folder):
+            raise UsageError(f"--source {text}: {folder} is not a folder written by save_to_disk (no state.json "
+                             f"or dataset_dict.json)", hint="pass a data file (csv, parquet, jsonl) directly instead")
+        return SourceSpec(kind="hf", path=folder, format="hf-saved", dataset=name, split=split)
+    if "/" not in name or name.count("/") > 1 or name.startswith((".", "/", "~")):
+        raise _hf_missing(name, f"no folder {folder}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, HFValidationError):
+        from tmdcli.data.expanders import hf_hub_cache
+
+        raise _hf_missing(name, f"not in the cache {hf_hub_cache()}") from None
+    return SourceSpec(kind="hf", path=snapshot, format="hf-snapshot", dataset=name,
+                      split=split or HF_DEFAULT_SPLIT)
+
+
+def _hf_identity(spec: SourceSpec) -> dict:
+    """A cached snapshot is named by its commit (content-addressed); a saved folder by the sha256 of its files."""
+    identity = {"role": "source", "name": spec.dataset, "format": spec.format, "split": spec.split}
+    if spec.format == "hf-snapshot":
+        return {**identity, "revision": spec.path.name}
+    digest = hashlib.sha256()
+    for file in sorted(p for p in spec.path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(spec.path).as_posix()}\0{sha256_of_file(file)}\0".encode())
+    return {**identity, "sha256": digest.hexdigest()}
+
+
+def _read_hf(spec: SourceSpec) -> SourceTable:
+    """The dataset's rows through `datasets` (memory-mapped Arrow), then the same columns as a Parquet file."""
+    import datasets
+    import pyarrow as pa
+
+    label = f"hf:{spec.dataset}"
+    try:
+        if spec.format == "hf-saved":
+            loaded = datasets.load_from_disk(str(spec.path))
+        else:  # a local folder: the packaged csv/parquet/json builders, no hub call
+            loaded = datasets.load_dataset(str(spec.path), split=spec.split)
+    except ValueError as exc:  # an unknown split, a folder datasets cannot read
+        raise UsageError(f"{label}: datasets cannot load {spec.path}: {str(exc).splitlines()[0]}",
+                         hint="check the split name (hf:NAME:SPLIT) and the folder") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        split = spec.split or HF_DEFAULT_SPLIT
+        if split not in loaded:
+            raise UsageError(f"{label} has no split {split!r} (splits: {', '.join(loaded)})",
+                             hint=f"name one: --source hf:{spec.dataset}:SPLIT")
+        loaded = loaded[split]
+    elif spec.format == "hf-saved" and spec.split:
+        raise UsageError(f"{label} is a single saved Dataset, which has no splits",
+                         hint=f"drop ':{spec.split}': --source hf:{spec.dataset}")
+    columns = list(loaded.column_names)
+    if "prompt" not in columns:
+        raise _missing_prompt_column(Path(label), columns)
+    wanted = [c for c in columns if c == "prompt" or c in KEY_COLUMNS or c in NSFW_COLUMNS]
+    table = loaded.select_columns(wanted).with_format("arrow")[:]  # a pyarrow.Table of every row
+    prompt_type = table.schema.field("prompt").type
+    if not (pa.types.is_string(prompt_type) or pa.types.is_large_string(prompt_type)):
+        raise UsageError(f"{label}: column 'prompt' holds {prompt_type}, not text")
+    return _table_to_source(Path(label), table, columns)
+
+
 def sha256_of_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -92,6 +192,8 @@ def source_identity(spec: SourceSpec) -> dict:
     """What the output depends on: the file's content (not its path) and format, or the toy split and count."""
     if spec.kind == "toy":
         return {"role": "source", "name": "toy-grammar", "split": spec.toy_split, "count": spec.toy_count}
+    if spec.kind == "hf":
+        return _hf_identity(spec)
     return {"role": "source", "name": spec.path.name, "format": spec.format, "sha256": sha256_of_file(spec.path)}
 
 
@@ -119,11 +221,14 @@ def read_source(spec: SourceSpec, *, seed: int, two_object_prob: float = 0.0) ->
     """Read every row of a source (toy captions are sampled deterministically from `seed`)."""
     if spec.kind == "toy":
         return _read_toy(spec, seed=seed, two_object_prob=two_object_prob)
-    reader = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl, "text": _read_text}[spec.format]
-    table = reader(spec.path)
+    if spec.kind == "hf":
+        table = _read_hf(spec)
+    else:
+        reader = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl, "text": _read_text}[spec.format]
+        table = reader(spec.path)
     if len(table) == 0:
-        raise UsageError(f"prompt source {spec.path} holds no rows", hint="one prompt per row or line")
-    name = spec.path.name.lower()
+        raise UsageError(f"prompt source {spec.describe()} holds no rows", hint="one prompt per row or line")
+    name = (spec.dataset or spec.path.name).lower()
     table.is_vidprom = ("vidprom" in name or "prompts4video" in name
                         or (bool(table.nsfw_columns) and "uuid" in table.columns))
     return table

@@ -6,7 +6,6 @@ suite simply has no CLIP metrics. `check_clip` is the cheap part the plan runs; 
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from tmdcli.errors import UsageError
+from tmdcli.optional import check, require
 
 # OpenAI CLIP preprocessing constants (the same in open_clip and transformers).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,9 +31,8 @@ def check_clip(path: str | Path, arch: str) -> dict:
         return {"kind": "transformers", "path": str(path.resolve()), "arch": None}
     if not path.is_file():
         raise UsageError(f"--clip-model {path} does not exist", hint="give a local CLIP folder or checkpoint file")
-    if importlib.util.find_spec("open_clip") is None:
-        raise UsageError(f"--clip-model {path} is a checkpoint file, which needs open_clip, not installed here",
-                         hint="pip install open_clip_torch, or pass a transformers CLIP folder instead")
+    check("open_clip", extra="clip", purpose=f"--clip-model {path} (a checkpoint file)",
+          alternative="pass a transformers CLIP folder instead")
     return {"kind": "open_clip", "path": str(path.resolve()), "arch": arch, "bytes": path.stat().st_size}
 
 
@@ -101,8 +100,9 @@ def _load_transformers(folder: Path, device: str, info: dict) -> ClipEncoder:
 
 
 def _load_open_clip(file: Path, arch: str, device: str, info: dict) -> ClipEncoder:
-    import open_clip
     import torch
+
+    open_clip = require("open_clip", extra="clip", purpose="an open_clip --clip-model")
 
     try:
         model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=str(file), device=device)

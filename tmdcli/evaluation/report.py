@@ -3,21 +3,21 @@
 Everything reads the `results.json` structure the eval stage writes (`results["models"][j]` holds label, kind,
 effective_nfe, timings, metrics, sample files; in the toy suite also `splits`, metrics per caption split, and
 `readings`, what the analyzer saw in each clip). The toy table has one row per model and split. matplotlib comes
-from the `plot` extra and is imported only to plot.
+from the `plot` extra and is imported only to plot; without it the report is complete but for the PNG, and
+report.md says so (PLOT_MISSING_NOTE), so a plain install's first run never fails on a plotting library.
 """
 
 from __future__ import annotations
 
 import html
-import importlib.util
 import math
 from pathlib import Path
 from urllib.parse import quote
 
-from tmdcli.errors import UsageError
 from tmdcli.evaluation.metrics import METRICS
 from tmdcli.evaluation.toy import PLOT_METRICS as TOY_PLOT_METRICS
 from tmdcli.evaluation.toy import SPLITS, TABLE_METRICS, TOY_METRICS
+from tmdcli.optional import available, install_hint, require
 
 VBENCH_COLUMNS = {"total": "VBench Total", "quality": "Quality", "semantic": "Semantic"}
 QUICK_PLOT_METRICS = ("frechet_pixel_stats", "seed_diversity_pixels", "frame_consistency_pixels", "flicker_abs_diff",
@@ -25,11 +25,17 @@ QUICK_PLOT_METRICS = ("frechet_pixel_stats", "seed_diversity_pixels", "frame_con
 GALLERY_MAX_PROMPTS = 50  # a page with thousands of <video> elements helps nobody
 
 
-def check_matplotlib() -> None:
-    """Exit 2 before any sampling when the plot cannot be drawn."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("tmd eval draws quality_vs_nfe.png with matplotlib, which is not installed",
-                         hint="pip install 'tmdcli[plot]' (or pip install matplotlib)")
+PLOT_FILE = "quality_vs_nfe.png"
+PLOT_MISSING_NOTE = (f"{PLOT_FILE} not drawn: matplotlib is not installed ({install_hint('plot')} adds it; "
+                     f"rerun the same tmd eval to draw it)")
+
+
+SCREENSHOT_FILE = "gallery.png"  # gallery.html as headless Chromium renders it (evaluation/browser.py)
+
+
+def can_plot() -> bool:
+    """Whether quality_vs_nfe.png can be drawn here (matplotlib is optional: the `plot` extra)."""
+    return available("matplotlib")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -129,7 +135,9 @@ def text_table(results: dict) -> str:
 # report.md
 
 
-def report_markdown(results: dict) -> str:
+def report_markdown(results: dict, *, plotted: bool = True, screenshot_skipped: str | None = None) -> str:
+    """report.md; `plotted=False` lists no quality_vs_nfe.png and says why (PLOT_MISSING_NOTE); likewise
+    `screenshot_skipped`, the reason gallery.png was not taken (else the report shows it)."""
     s = results["settings"]
     vbench = results["suite"] == "vbench"
     title = {"vbench": "VBench", "toy": "toy world (analyzer metrics on toy-grammar captions)"}.get(
@@ -161,7 +169,15 @@ def report_markdown(results: dict) -> str:
     out += ["", "NFE: effective transformer evaluations per sample (TMD Eq. 16; a teacher counts steps x 2 with CFG). "
                 "Times are wall-clock per video at the batch size used, split into text encoder, transformer and "
                 "VAE decode; each model's first batch includes one-off warm-up, so compare times over many batches.",
-            "", "Files: `results.json`, `quality_vs_nfe.png`, `gallery.html`, `samples/`.", ""]
+            "", f"Files: `results.json`, {f'`{PLOT_FILE}`, ' if plotted else ''}`gallery.html`, "
+                f"{'' if screenshot_skipped else f'`{SCREENSHOT_FILE}`, '}`samples/`.", ""]
+    if not plotted:
+        out += [f"Note: {PLOT_MISSING_NOTE}.", ""]
+    if screenshot_skipped:
+        out += [f"Note: {SCREENSHOT_FILE} not taken: {screenshot_skipped}. Nothing else depends on it; the "
+                f"gallery itself is complete.", ""]
+    else:
+        out += [f"![gallery.html as headless Chromium renders it]({SCREENSHOT_FILE})", ""]
     return "\n".join(out)
 
 
@@ -193,9 +209,7 @@ def plot_metrics(results: dict) -> list[tuple[str, str]]:
 
 def plot_quality_vs_nfe(results: dict, path: str | Path) -> Path:
     """One panel per headline metric against effective NFE (log x); the reference model is a dashed line."""
-    check_matplotlib()
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="plot", purpose=f"drawing {PLOT_FILE}")
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
@@ -237,9 +251,7 @@ def plot_quality_vs_nfe(results: dict, path: str | Path) -> Path:
 def _plot_toy(results: dict, path: Path, plt) -> Path:
     """Adherence (first panel), Frechet on analyzer features and seed diversity against effective NFE, one colour
     per caption split; a star marks the reference model, whose value is a dashed line (0 for a Frechet distance)."""
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import NullFormatter
-
+    Line2D, NullFormatter = plt.Line2D, plt.NullFormatter  # via pyplot: every matplotlib import sits behind require
     models, reference = results["models"], results["models"][0]
     panels = [k for k in TOY_PLOT_METRICS if any(m["metrics"].get(k) is not None for m in models)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)

@@ -3,7 +3,7 @@ Fig. 2, App. A.1; METHOD.md section 2; WAN.md section 7).
 
 backbone = patch embedding + condition embedding + blocks [0, L-H)      -> m, once per outer step
 head     = fusion(m, PatchEmbed(y_s), s) + blocks [L-H, L) + output layer, conditioned on temb(s) + remb(s - r)
-u        = y1 - head                                                       (TMD Eq. 14)
+u        = y1 - head  (TMD Eq. 14, `paper`)  or  (y_s - head) / s  (`consistent`, D19): config.u_param
 f        = y_s - (s - r) u                                                 (flow map s -> r; sign decision D4)
 
 The student wraps the teacher's transformer instance: no weight is copied.
@@ -21,6 +21,7 @@ from torch import nn
 from tmdcli.models import wan
 from tmdcli.models.fusion import StudentExtras, init_extras_for
 from tmdcli.objectives.grids import effective_nfe, inner_grid, outer_grid
+from tmdcli.objectives.u_param import DEFAULT_U_PARAM, U_PARAMS, stored_u_param
 
 STUDENT_FORMAT = "tmdcli.student/1"
 
@@ -35,6 +36,7 @@ class StudentConfig:
     outer_gamma: float = 10.0  # gamma_t of the outer grid
     inner_gamma: float = 10.0  # gamma_s of the inner grid
     fusion: str = "gated"
+    u_param: str = DEFAULT_U_PARAM  # how head becomes the average velocity u: "paper" (Eq. 14) or "consistent" (D19)
     method: str = "tmd"  # "tmd" (backbone + flow head) or "dmd2v" (plain few-step student, N = 1 rollout)
     teacher: str = ""  # registry name or folder of the teacher whose text encoder and VAE decode this student
     extra: dict = field(default_factory=dict)
@@ -44,6 +46,8 @@ class StudentConfig:
             raise ValueError(f"M (outer steps) must be >= 1, got {self.num_outer_steps}")
         if self.num_inner_steps < 1:
             raise ValueError(f"N (inner steps) must be >= 1, got {self.num_inner_steps}")
+        if self.u_param not in U_PARAMS:
+            raise ValueError(f"u_param must be one of {', '.join(U_PARAMS)}, got {self.u_param!r}")
         if not 1 <= self.num_head_blocks < num_blocks:
             raise ValueError(f"H (head blocks) must satisfy 1 <= H < L = {num_blocks}, got {self.num_head_blocks}")
 
@@ -130,7 +134,7 @@ class TMDStudent(nn.Module):
             return self.head(y, s if head_time is None else head_time, r, feats).float()
 
         return inner_flow(head_fn, y1, self.config.inner_grid() if inner_grid is None else inner_grid,
-                          detach_between_steps=not rollout)
+                          u_param=self.config.u_param, detach_between_steps=not rollout)
 
     # --- persistence -------------------------------------------------------------------------------------------
     def save(self, folder: str | Path, *, metadata: dict | None = None,
@@ -168,7 +172,7 @@ class TMDStudent(nn.Module):
                                                             local_files_only=True)
         wan.float32_rope(transformer)
         extras = StudentExtras.from_pretrained(folder / "extras", local_files_only=True)
-        config = StudentConfig(**info["config"])
+        config = StudentConfig(**student_config_fields(info))
         student = cls(transformer.to(device).eval(), extras.to(device).eval(), config)
         _own_memory(student)
         return student
@@ -189,6 +193,11 @@ def _own_memory(module: nn.Module) -> None:
         for p in module.parameters():
             if p.device.type == "cpu":
                 p.data = p.data.clone()
+
+
+def student_config_fields(info: dict) -> dict:
+    """StudentConfig fields from student.json (a pre-D19 student, with no `u_param`, loads as `paper`)."""
+    return {**info["config"], "u_param": stored_u_param(info["config"])}
 
 
 def read_student_info(folder: str | Path) -> dict:

@@ -39,10 +39,13 @@ class Teacher:
 
     # --- transformer ------------------------------------------------------------------------------------------
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, *,
-                 text_neg: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
-        """v(x_t, t) with optional CFG `v_neg + g (v_c - v_neg)`."""
+                 text_neg: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                 skip_block: int | None = None) -> torch.Tensor:
+        """v(x_t, t) with optional CFG `v_neg + g (v_c - v_neg)` (and skip-layer guidance: `skip_block` left out
+        of the negative pass)."""
         return wan.guided_velocity(self.transformer, x_t.to(self.dtype), t, text.to(self.dtype),
-                                   None if text_neg is None else text_neg.to(self.dtype), guidance_scale)
+                                   None if text_neg is None else text_neg.to(self.dtype), guidance_scale,
+                                   skip_block=skip_block)
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, layers: Sequence[int]):
         """Unpatchified outputs of the given blocks (the GAN discriminator's inputs)."""

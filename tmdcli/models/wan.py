@@ -141,13 +141,35 @@ def velocity(transformer, x_t: torch.Tensor, t: torch.Tensor, text_raw: torch.Te
     return transformer(x_t, t1000, text_raw, return_dict=False)[0]
 
 
+def velocity_skipping_block(transformer, x_t: torch.Tensor, t: torch.Tensor, text_raw: torch.Tensor,
+                            skip_block: int) -> torch.Tensor:
+    """The teacher's velocity with block `skip_block` (0-indexed) left out: its input goes straight to the next
+    block (skip-layer guidance's perturbed pass; METHOD.md 5.4, FastGen `skip_layers`). Same time input as
+    `velocity`."""
+    if not 0 <= skip_block < len(transformer.blocks):
+        raise ValueError(f"skip block {skip_block} out of range for {len(transformer.blocks)} blocks")
+    t1000 = (1000.0 * t).to(torch.float32)
+    h, rotary_emb, text, temb, tproj = prologue(transformer, x_t, t1000, text_raw)
+    kept = [block for i, block in enumerate(transformer.blocks) if i != skip_block]
+    h = run_blocks(transformer, kept, h, text, tproj, rotary_emb)
+    return output_layer(transformer, h, temb, patch_grid(transformer, x_t))
+
+
 def guided_velocity(transformer, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                    text_neg: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-    """CFG velocity `v_neg + g (v_c - v_neg)`; two passes as in the Wan pipeline (one when g == 1)."""
+                    text_neg: torch.Tensor | None, guidance_scale: float,
+                    skip_block: int | None = None) -> torch.Tensor:
+    """CFG velocity `v_neg + g (v_c - v_neg)`; two passes as in the Wan pipeline (one when g == 1).
+
+    With `skip_block` the unconditional pass runs without that block (CFG + skip-layer guidance, the KD pairs of
+    METHOD.md 5.4): `v_neg^skip + g (v_c - v_neg^skip)`, which pushes the sample away from the degraded network too.
+    """
     v_c = velocity(transformer, x_t, t, text)
     if text_neg is None or guidance_scale == 1.0:
         return v_c
-    v_n = velocity(transformer, x_t, t, text_neg)
+    if skip_block is None:
+        v_n = velocity(transformer, x_t, t, text_neg)
+    else:
+        v_n = velocity_skipping_block(transformer, x_t, t, text_neg, skip_block)
     return v_n + guidance_scale * (v_c - v_n)
 
 
@@ -196,12 +218,16 @@ def vae_encode(vae, video_B3FHW: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents -> pixels in [-1, 1] (the VAE clamps), float32."""
-    vae_dtype = next(vae.parameters()).dtype
+def vae_decode(vae, latents: torch.Tensor, *, decode=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Normalised latents -> pixels in [-1, 1] (the VAE clamps), float32.
+
+    `decode` (un-normalised z -> pixels) replaces `vae.decode(z).sample`, e.g. the chunked or tiny decoders of
+    runtime/speed.py; `dtype` is the one it computes in (default: the VAE's)."""
+    vae_dtype = dtype or next(vae.parameters()).dtype
     z = latents.float()
     mean, std = _latent_stats(vae, z)
-    return vae.decode((z * std + mean).to(vae_dtype)).sample.float()
+    run = decode or (lambda z_: vae.decode(z_).sample)
+    return run((z * std + mean).to(vae_dtype)).float()
 
 
 def latent_shape(vae, transformer_config, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:

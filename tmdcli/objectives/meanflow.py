@@ -4,7 +4,10 @@ Pure functions of tensors. The model enters only as callables, so the same code 
 tests (finite differences against `torch.func.jvp`) and the benchmarks.
 
 Symbols (METHOD.md 1): outer time t_i, clean latent x, outer noise x1, y = x1 - x (DTM target), inner noise y1,
-inner time s and the MeanFlow end point r <= s, y_s = (1 - s) y + s y1, head output `head`, u = y1 - head.
+inner time s and the MeanFlow end point r <= s, y_s = (1 - s) y + s y1, head output `head`, and the average
+velocity u, in one of two parametrisations (D19, METHOD.md 2.4):
+- `paper`:      u = y1 - head          (TMD Eq. 14)
+- `consistent`: u = (y_s - head) / s   (equal at s = 1; exact for every s with an exact endpoint-predicting head)
 All times are float64 tensors of shape (B,) (TMD Table 7: "time t in FP64").
 """
 
@@ -16,6 +19,13 @@ from typing import Callable
 import torch
 
 from tmdcli.objectives.grids import T_MAX, interpolate, sample_shifted_uniform
+from tmdcli.objectives.u_param import (  # noqa: F401  (average_velocity is part of this module's API)
+    DEFAULT_U_PARAM,
+    average_velocity,
+    average_velocity_of,
+    average_velocity_total_derivative,
+    residual_weight,
+)
 
 S_MIN = 0.001  # min of s_mf (TMD Table 7)
 UFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (y_s, s) -> u(y_s, s, r) with r, m, c bound
@@ -24,6 +34,16 @@ UFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (y_s, s) -> u(y_s,
 def _b(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, 1, ...) broadcastable against `like`, in like's dtype."""
     return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def _any_rank(flags: torch.Tensor) -> bool:
+    """Whether any row on any rank is flagged. Under FSDP2 every call of a sharded module all-gathers its weights,
+    so all ranks must make the same calls: a data-dependent branch is taken on every rank or on none."""
+    hit = flags.any()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        hit = hit.to(torch.int32)
+        torch.distributed.all_reduce(hit, op=torch.distributed.ReduceOp.MAX)
+    return bool(hit)
 
 
 def _mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -39,11 +59,6 @@ def dtm_target(x: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 def conditional_inner_velocity(y: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
     """Conditional inner velocity `v(y_s, s | y) = y1 - y` along y_s = (1 - s) y + s y1 (TMD Eq. 6, conditional)."""
     return y1 - y
-
-
-def average_velocity(y1: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
-    """The MeanFlow average velocity of the flow head, `u = y1 - head` (TMD Eq. 14)."""
-    return y1 - head_out
 
 
 def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -82,9 +97,11 @@ def finite_difference_total_derivative(u_fn: UFn, y_s: torch.Tensor, s: torch.Te
                                        direction: torch.Tensor, delta: float) -> torch.Tensor:
     """Total derivative `d/ds u(y_s, s, r)` along dy_s/ds = direction (TMD App. A.2, central finite difference).
 
-    u(y_s +- h direction, s +- h) is evaluated at `finite_difference_times`, and the difference is formed in float64
-    (FastGen does the same; the bf16 network outputs differ in few bits at delta = 5e-3). `u_fn` is called twice
-    and should run without grad. Returns float64.
+    `u_fn` may be any function of (y_s, s) with r bound: the loss differences the head and applies the chain rule
+    of its parametrisation (`average_velocity_total_derivative`). u(y_s +- h direction, s +- h) is evaluated at
+    `finite_difference_times`, and the difference is formed in float64 (FastGen does the same; the bf16 network
+    outputs differ in few bits at delta = 5e-3). `u_fn` is called twice and should run without grad. Returns
+    float64.
     """
     s_plus, s_minus = finite_difference_times(s, r, delta)
     y64, d64 = y_s.to(torch.float64), direction.to(torch.float64)
@@ -147,6 +164,7 @@ class TMMeanFlowParams:
     fd_delta: float = 5e-3
     r_equals_s_prob: float = 0.75  # 1.0: plain transition matching (Table 6 "TM")
     s_gamma: float = 3.0
+    u_param: str = DEFAULT_U_PARAM  # "paper" (Eq. 14) or "consistent" (D19)
 
 
 def _dropout_rows(r_is_s: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -170,7 +188,7 @@ def _rows(feats, index: torch.Tensor | None):
 
 def tm_meanflow_loss(student, latents: torch.Tensor, text: torch.Tensor, negative: torch.Tensor,
                      generator: torch.Generator, p: TMMeanFlowParams) -> tuple[torch.Tensor, dict]:
-    """The TM-MF loss of one batch (TMD Alg. 2, Eqs. 9-10, 14; decisions D5, D6).
+    """The TM-MF loss of one batch (TMD Alg. 2, Eqs. 9-10, 14; decisions D5, D6, D19).
 
     Args:
         student: TMDStudent (backbone(x_t, t, c) -> feats; head(y_s, s, r, feats) -> latent-shaped output).
@@ -195,37 +213,46 @@ def tm_meanflow_loss(student, latents: torch.Tensor, text: torch.Tensor, negativ
     v = conditional_inner_velocity(y, y1)
     c_neg = negative.expand(batch, -1, -1).to(text.dtype)
 
+    def velocity(head_out: torch.Tensor) -> torch.Tensor:  # u at (y_s, s) in the student's parametrisation
+        return average_velocity_of(p.u_param, head_out.float(), y_s=y_s, s=s, y1=y1)
+
     if p.cfg_scale != 1.0:
-        with torch.no_grad():  # D5: the student's own unconditional velocity, negative prompt in backbone and head
-            feats_u = student.backbone(x_t, t, c_neg)
-            v_u = average_velocity(y1, student.head(y_s, s, s, feats_u).float())
+        with torch.no_grad():  # D5: the student's own unconditional velocity u(y_s, s, s | c_neg), negative
+            feats_u = student.backbone(x_t, t, c_neg)  # prompt in backbone and head
+            v_u = velocity(student.head(y_s, s, s, feats_u))
         v_g = torch.where(_mask(drop, v), v, guided_velocity(v, v_u, p.cfg_scale))
     else:
         v_g = v
     c_in = torch.where(_mask(drop, text), c_neg, text)
 
     feats = student.backbone(x_t, t, c_in)  # with grad: the backbone is trained too (TMD Sec. 3.1)
-    u = average_velocity(y1, student.head(y_s, s, r, feats).float())
+    u = velocity(student.head(y_s, s, r, feats))
 
     needs_fd = r < s
     du_ds = None
-    if bool(needs_fd.any()):
+    if _any_rank(needs_fd):
         with torch.no_grad():
-            index = None if bool(needs_fd.all()) else needs_fd.nonzero().squeeze(1)
+            # all rows when none here needs it but another rank does (their result is multiplied by s - r = 0)
+            index = None if bool(needs_fd.all()) or not bool(needs_fd.any()) else needs_fd.nonzero().squeeze(1)
             sub = (lambda z: z) if index is None else (lambda z: z[index])
-            feats_fd, y1_fd, r_fd = _rows(feats, index), sub(y1), sub(r)
+            feats_fd, r_fd = _rows(feats, index), sub(r)
 
-            def u_fn(y_in: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
-                return average_velocity(y1_fd, student.head(y_in, s_in, r_fd, feats_fd).float())
+            def head_fn(y_in: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
+                return student.head(y_in, s_in, r_fd, feats_fd).float()
 
-            du_fd = finite_difference_total_derivative(u_fn, sub(y_s), sub(s), r_fd, sub(v_g), p.fd_delta)
+            # d/ds of the head along (v_g, 1) by finite differences, then du/ds by the chain rule of the
+            # parametrisation (exact in s; see average_velocity_total_derivative)
+            dhead_ds = finite_difference_total_derivative(head_fn, sub(y_s), sub(s), r_fd, sub(v_g), p.fd_delta)
+            du_fd = average_velocity_total_derivative(p.u_param, dhead_ds, u=sub(u.detach()), direction=sub(v_g),
+                                                      s=sub(s))
         if index is None:
             du_ds = du_fd
         else:  # rows with r == s get 0, which (s - r) multiplies away anyway
             du_ds = torch.zeros(x.shape, dtype=torch.float64, device=device)
             du_ds[index] = du_fd
     u_target = meanflow_target(v_g, s, r, du_ds)
-    squared = per_sample_squared_error(u, u_target)
+    weight = residual_weight(p.u_param, s)  # consistent: the head-space error s (u - u_tgt), D19
+    squared = per_sample_squared_error(_b(weight, u) * u, _b(weight, u) * u_target.float())
     loss = adaptive_normalised_loss(squared, p.norm_c)
     terms = {"loss": loss.detach(), "mse": (squared.detach() / d).mean(),
              "frac_r_eq_s": (r == s).float().mean(), "frac_dropped": drop.float().mean()}

@@ -7,6 +7,14 @@ matrix multiplications (2 per multiply-add) in the DiT blocks and attention; emb
 ignored, as in TMD Eq. 16. Activation memory is a model, not a measurement: each block keeps about
 ACT_D_PER_TOKEN x D + ACT_F_PER_TOKEN x F bf16 values per token for the backward pass (flash attention keeps no
 N x N matrix); `benchmarks/train_step.py` measures the real peak on a GPU.
+
+Calibration (docs/bench/train_memory_h200.json, H200, 1.3B shapes, micro-batch 1, checkpointing on; tests/
+test_estimates.py keeps every estimate within 10% of it): with checkpointing the peak holds the weights, AdamW
+moments, gradients, bf16 autocast copies and every checkpointed block's bf16 input, but not the one block being
+recomputed (the backward frees saved inputs as it goes and gradients build up gradually); Stage 2's student and
+critic steps peak separately (the critic step holds the fake score's gradients and two discriminator passes, the
+student step the student's), and the discriminator's saved activations are large (full-resolution conv, GroupNorm
+and LeakyReLU maps per scale and head), so they are modelled explicitly.
 """
 
 from __future__ import annotations
@@ -85,6 +93,12 @@ def block_forward_flops(s: WanShape, tokens: int, text_tokens: int) -> float:
     return self_attention + cross_attention + 4 * n * d * f
 
 
+def sampling_flops(s: WanShape, latent_shape, *, block_passes: float, text_tokens: int = 512) -> float:
+    """Matmul FLOPs of one clip's sampling: `block_passes` DiT block evaluations (teacher: steps x CFG passes x L;
+    TMD student: effective NFE x L, METHOD.md Eq. 16) at this latent size. The MFU of benchmarks/sample_speed.py."""
+    return block_passes * block_forward_flops(s, s.tokens(latent_shape), text_tokens)
+
+
 def activation_bytes_per_block(s: WanShape, tokens: int, bytes_per_value: int = 2) -> float:
     return tokens * (ACT_D_PER_TOKEN * s.dim + ACT_F_PER_TOKEN * s.ffn_dim) * bytes_per_value
 
@@ -101,14 +115,17 @@ class TrainEstimate:
     activations_gib: float  # per GPU, micro-batch, with the chosen checkpointing
     activations_other_gib: float  # the other checkpointing setting, for comparison
     peak_gib: float
+    step_peaks_gib: dict | None = None  # Stage 2: {"student": ..., "critic": ...}; peak_gib is their max
 
     def rows(self, checkpointing: bool) -> list[tuple[str, str]]:
         other = "off" if checkpointing else "on"
         g = human_gib
+        steps = "" if not self.step_peaks_gib else " (" + ", ".join(
+            f"{k} step {g(v)}" for k, v in self.step_peaks_gib.items()) + "; the larger step's terms below)"
         return [
             ("parameters", f"{human_count(self.trainable_params)} trained, {human_count(self.frozen_params)} frozen"),
             ("memory/GPU (estimate)",
-             f"~{g(self.peak_gib)} peak = weights {g(self.weights_gib)} + grads {g(self.grads_gib)} + AdamW "
+             f"~{g(self.peak_gib)} peak{steps} = weights {g(self.weights_gib)} + grads {g(self.grads_gib)} + AdamW "
              f"{g(self.optimizer_gib)} + frozen {g(self.frozen_gib)} + activations {g(self.activations_gib)} "
              f"(checkpointing {'on' if checkpointing else 'off'}; {g(self.activations_other_gib)} with it {other})"),
             ("compute", f"{human_flops(self.flops_per_iteration)} per iteration (global batch)"),
@@ -169,23 +186,61 @@ def tm_meanflow_estimate(s: WanShape, latent_shape, *, num_head_blocks: int, bat
         + (1.0 - r_equals_s_prob) * 2 * head
     act_block = activation_bytes_per_block(s, n)
     no_ckpt = micro_batch * s.num_blocks * act_block
-    with_ckpt = micro_batch * (s.num_blocks * n * s.dim * 2 + act_block)  # block inputs + one block recomputed
+    with_ckpt = micro_batch * s.num_blocks * n * s.dim * 2  # bf16 block inputs (the recompute is not at the peak)
     trainable = transformer_params(s)["total"] + extras_params(s, fusion)
     return estimate_training(trainable_params=trainable, frozen_params=0, forward_flops_per_sample=passes,
                              activation_bytes=no_ckpt, activation_bytes_checkpointed=with_ckpt, batch=batch,
                              world_size=world_size, checkpointing=checkpointing, sharded=sharded)
 
 
+def discriminator_activation_bytes(s: WanShape, latent_shape, *, num_heads: int, reduction: int = 1,
+                                   scales=(1, 2, 4, 8, 16)) -> float:
+    """Saved activations of one discriminator pass with grad over its K heads (models/discriminator.py,
+    METHOD.md 5.2), per sample: each head casts its bf16 feature map (C_in = D / patch volume channels at latent
+    resolution) to fp32, and per scale k runs conv -> GroupNorm -> LeakyReLU at full resolution and again after a
+    k x k x k average pool; each such map keeps ~10 bytes per value (bf16 conv output, fp32 GN input and output)."""
+    _, t, h, w = latent_shape
+    voxels = t * h * w
+    c_in = s.dim // s.patch_volume
+    c = c_in // reduction
+    per_head = 4 * c_in * voxels
+    for k in scales:
+        pooled = voxels / (min(k, t) * min(k, h) * min(k, w))
+        per_head += 10 * c * (voxels + pooled)
+    return num_heads * per_head
+
+
+def lora_params(s: WanShape, rank: int, adapted_linears: int | None = None) -> int:
+    """LoRA adapter parameters of one Wan transformer: r (in + out) per adapted block linear; by default all ten
+    (q, k, v, o of self- and cross-attention: 8 x 2D; FFN: 2 x (D + F)), as `tmd distill --lora-rank` does."""
+    per_block = 8 * rank * 2 * s.dim + 2 * rank * (s.dim + s.ffn_dim)
+    if adapted_linears is not None:  # a subset: scale by the count (attention-sized approximation)
+        per_block = per_block * adapted_linears // 10
+    return s.num_blocks * per_block
+
+
 def dmd_estimate(s: WanShape, latent_shape, *, num_head_blocks: int, num_inner_steps: int, method: str,
                  discriminator_params: int, last_disc_layer: int, batch: int, micro_batch: int, world_size: int,
                  checkpointing: bool, student_every: int = 5, text_tokens: int = 512,
-                 frozen_bytes_per_param: int = 2, sharded: bool = False) -> TrainEstimate:
+                 frozen_bytes_per_param: int = 2, sharded: bool = False, num_disc_heads: int = 3,
+                 disc_reduction: int | None = None, lora_rank: int = 0, lora_targets=None,
+                 critic_state: bool = True) -> TrainEstimate:
     """Stage 2 (DMD2-v + rollout) per iteration, averaged over the alternation (1 student step in `student_every`).
 
-    Student step: the rollout (backbone + N head passes, or one full pass for DMD2-v) forward + backward, the fake
-    score (no grad), the teacher's negative pass (no grad) and its conditional pass with the graph to its input
+    FLOPs. Student step: the rollout (backbone + N head passes, or one full pass for DMD2-v) forward + backward, the
+    fake score (no grad), the teacher's negative pass (no grad) and its conditional pass with the graph to its input
     (forward + backward). Critic step: the rollout without grad, the fake score forward + backward, and two teacher
-    feature passes up to the last discriminator layer (no grad). Memory is the student step's (the larger graph).
+    feature passes up to the last discriminator layer (no grad).
+
+    Memory, per step (the peak is the larger). Both: fp32 weights and AdamW moments of student, fake score and
+    discriminator (`critic_state=False`: the critic's moments not yet allocated, as when benchmarks/train_step.py
+    measures a student step before any critic step), the frozen teacher (bf16). Student step: the student's
+    gradients and autocast copies, the rollout's and the teacher's checkpointed block inputs, one discriminator pass
+    (generator loss). Critic step: the fake score's and discriminator's gradients and autocast copies, the fake
+    score's block inputs, two discriminator passes (fake and real).
+    LoRA (`lora_rank` > 0): student and fake score keep frozen fp32 base weights; only their adapters (plus the
+    student's fusion and r-embedder, and the discriminator) are trained. FSDP2 (`sharded`): every weight, gradient
+    and moment, trained or frozen, is split over the ranks; two gathered blocks (fp32, one prefetched) are added.
     """
     n = s.tokens(latent_shape)
     block = block_forward_flops(s, n, text_tokens)
@@ -194,17 +249,53 @@ def dmd_estimate(s: WanShape, latent_shape, *, num_head_blocks: int, num_inner_s
         num_head_blocks
     rollout = rollout_blocks * block
     recompute = 1.0 if checkpointing else 0.0
-    student_step = (3 + recompute) * rollout + full + full + (3 + recompute) * full
-    critic_step = rollout + (3 + recompute) * full + 2 * (last_disc_layer + 1) * block
-    per_sample = (student_step + (student_every - 1) * critic_step) / student_every
+    student_flops = (3 + recompute) * rollout + full + full + (3 + recompute) * full
+    critic_flops = rollout + (3 + recompute) * full + 2 * (last_disc_layer + 1) * block
+    per_sample = (student_flops + (student_every - 1) * critic_flops) / student_every
+
+    base = transformer_params(s)["total"]
+    extras = extras_params(s) if method != "dmd2v" else 0
+    adapters = lora_params(s, lora_rank, None if lora_targets is None else _count_linears(lora_targets)) \
+        if lora_rank else 0
+    student_trained = (adapters + extras) if lora_rank else base + extras
+    fake_trained = adapters if lora_rank else base
+    frozen_fp32 = 2 * base if lora_rank else 0  # LoRA: the frozen bases of student and fake score
+    share = world_size if sharded else 1
+    reduction = disc_reduction or (2 if s.dim >= 5120 else 1)
+
     act_block = activation_bytes_per_block(s, n)
+    block_input = n * s.dim * 2
     graph_blocks = rollout_blocks + s.num_blocks  # student rollout + teacher conditional pass
-    no_ckpt = micro_batch * graph_blocks * act_block
-    with_ckpt = micro_batch * (graph_blocks * n * s.dim * 2 + act_block)
-    student = transformer_params(s)["total"] + (extras_params(s) if method != "dmd2v" else 0)
-    fake = transformer_params(s)["total"]
-    return estimate_training(trainable_params=student + fake + discriminator_params,
-                             frozen_params=transformer_params(s)["total"], forward_flops_per_sample=per_sample,
-                             activation_bytes=no_ckpt, activation_bytes_checkpointed=with_ckpt, batch=batch,
-                             world_size=world_size, checkpointing=checkpointing, sharded=sharded,
-                             frozen_bytes_per_param=frozen_bytes_per_param)
+    disc_pass = discriminator_activation_bytes(s, latent_shape, num_heads=num_disc_heads, reduction=reduction)
+    if checkpointing:
+        act_student = micro_batch * (graph_blocks * block_input + disc_pass)
+        act_critic = micro_batch * (s.num_blocks * block_input + 2 * disc_pass)
+        other_student = micro_batch * (graph_blocks * act_block + disc_pass)
+    else:
+        act_student = micro_batch * (graph_blocks * act_block + disc_pass)
+        act_critic = micro_batch * (s.num_blocks * act_block + 2 * disc_pass)
+        other_student = micro_batch * (graph_blocks * block_input + disc_pass)
+
+    trained = student_trained + fake_trained + discriminator_params
+    weights = 4 * trained / share
+    moments = 8 * (student_trained + (fake_trained + discriminator_params if critic_state else 0)) / share
+    frozen = (frozen_bytes_per_param * base + 4 * frozen_fp32) / share
+    gathered = 2 * 4 * block_params(s) if sharded else 0
+    static = weights + moments + frozen + gathered
+    student_step = static + 6 * (student_trained + discriminator_params) / share + act_student  # grads + copies
+    critic_step = static + 6 * (fake_trained + discriminator_params) / share + act_critic
+    peak = max(student_step, critic_step)
+    critic_peaks = critic_step >= student_step
+    grads = 4 * ((fake_trained if critic_peaks else student_trained) + discriminator_params) / share
+    return TrainEstimate(trainable_params=trained, frozen_params=base + frozen_fp32,
+                         flops_per_iteration=per_sample * batch, weights_gib=weights / GIB, grads_gib=grads / GIB,
+                         optimizer_gib=moments / GIB, frozen_gib=frozen / GIB,
+                         activations_gib=(act_critic if critic_peaks else act_student) / GIB,
+                         activations_other_gib=other_student / GIB, peak_gib=peak / GIB,
+                         step_peaks_gib={"student": student_step / GIB, "critic": critic_step / GIB})
+
+
+def _count_linears(targets) -> int:
+    from tmdcli.models.lora import matched_linears  # torch-free: a name match
+
+    return len(matched_linears(targets))

@@ -64,12 +64,12 @@ class Progress:
 
 def check_log_backend(backend: str) -> None:
     """`--log-to tensorboard|wandb` only when the package is installed (checked before anything runs)."""
-    import importlib.util
+    from tmdcli.optional import check
 
-    package = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}
-    if backend not in package:
+    if backend not in ("none", "tensorboard", "wandb"):
         raise UsageError(f"--log-to must be one of none, tensorboard, wandb; got {backend!r}")
-    if package[backend] and importlib.util.find_spec(package[backend]) is None:
-        raise UsageError(f"--log-to {backend}: the {package[backend]} package is not installed",
-                         hint=f"pip install {package[backend]}, or leave --log-to at none (metrics.jsonl is always "
-                              f"written)")
+    instead = "leave --log-to at none (metrics.jsonl is always written)"
+    if backend == "tensorboard":
+        check("tensorboard", extra="tensorboard", purpose="--log-to tensorboard", alternative=instead)
+    elif backend == "wandb":
+        check("wandb", extra="wandb", purpose="--log-to wandb", alternative=instead)

@@ -10,7 +10,8 @@ iteration" stays visible in the stage). The loop owns everything else:
 - randomness: micro-batch j of iteration k draws from its own generator seeded by (seed, k, j), where j counts
   micro-batches over all ranks (j = accumulation step x world size + rank). A resumed run draws exactly what an
   uninterrupted one would, and since the loader hands rank r the items r, r + W, ... of the same epoch order, a
-  run on W GPUs sees the same samples with the same noise as one GPU accumulating W micro-batches;
+  run on W GPUs sees the same samples with the same noise as one GPU accumulating W micro-batches; torch's global
+  RNG (dropout) is reseeded from (seed, k, j) before each micro-batch for the same reason;
 - checkpoints every `save_every` iterations (runtime/checkpoint.py) holding networks, optimizers, RNG states and
   the data-loader position; a rerun resumes from the newest one; metrics.jsonl is cut back to that iteration;
 - a non-finite loss or gradient norm stops the run naming the iteration; the last good checkpoint stays;
@@ -32,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from tmdcli.errors import StageError, UsageError
+from tmdcli.optional import require
 from tmdcli.runtime import checkpoint as ckpt
 from tmdcli.runtime.log import check_log_backend  # noqa: F401 (re-exported; lives where plans can import it)
 
@@ -77,6 +79,14 @@ def micro_batch_seed(seed: int, iteration: int, micro_batch_index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def global_rng_seed(seed: int, iteration: int, micro_batch_index: int) -> int:
+    """Seed of torch's global RNG for one micro-batch: modules that draw from it (the discriminator's dropout) get
+    the same masks for micro-batch j whatever the number of processes, and a resumed run the same as an
+    uninterrupted one (rng.pt alone would give every rank rank 0's state)."""
+    digest = hashlib.sha256(f"tmd-global-rng:{int(seed)}:{int(iteration)}:{int(micro_batch_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def micro_batch_generator(seed: int, iteration: int, micro_batch_index: int, device: torch.device) -> torch.Generator:
     """All randomness of one micro-batch (noise, times, dropout masks) comes from this generator."""
     return torch.Generator(device=device).manual_seed(micro_batch_seed(seed, iteration, micro_batch_index))
@@ -102,11 +112,12 @@ class MetricsLog:
         if not enabled:
             return
         if backend == "tensorboard":
+            require("tensorboard", extra="tensorboard", purpose="--log-to tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
         elif backend == "wandb":
-            import wandb
+            wandb = require("wandb", extra="wandb", purpose="--log-to wandb")
 
             self._wandb = wandb.init(project="tmdcli", dir=str(path.parent), config=run_config or {},
                                      name=path.parent.name, resume="allow", id=path.parent.name[-32:])
@@ -144,6 +155,17 @@ class MetricsLog:
             self._wandb.finish()
 
 
+def mean_over_ranks(terms: dict[str, float], world_size: int, device=None) -> dict[str, float]:
+    """The iteration's loss terms averaged over all ranks (each rank holds the mean over its own micro-batches), so
+    the logged curve is the global batch's, whatever the number of processes."""
+    if world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return terms
+    keys = sorted(terms)
+    values = torch.tensor([terms[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: on the GPU
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    return {k: float(v) / world_size for k, v in zip(keys, values.tolist())}
+
+
 def _format_terms(terms: dict) -> str:
     return " ".join(f"{k} {v:.4g}" for k, v in terms.items())
 
@@ -155,9 +177,11 @@ def run_loop(cfg: LoopConfig, *, modules: dict[str, torch.nn.Module], optimizers
              validate: Callable[[int], None] | None = None, console=None, desc: str = "train",
              run_identity: str = "") -> LoopResult:
     """Train from the newest checkpoint under `ckpt_root` (or from scratch) to `cfg.iters` or `cfg.stop_after`."""
+    from tmdcli.runtime import fsdp
     from tmdcli.runtime.log import Progress
 
     accum = accumulation_steps(cfg.batch, cfg.micro_batch, world_size)
+    sharded = {name: world_size > 1 and fsdp.is_sharded(m) for name, m in modules.items()}
     grad_clip = grad_clip or {}
     start = 0
     latest = ckpt.latest_checkpoint(ckpt_root)
@@ -166,7 +190,12 @@ def run_loop(cfg: LoopConfig, *, modules: dict[str, torch.nn.Module], optimizers
         if run_identity and info.get("run_identity") not in (None, run_identity):
             raise StageError(f"checkpoint {latest} belongs to another run configuration",
                              hint="move the folder away or use a new --name")
-        loader.load_state_dict(info["loader"])
+        try:
+            loader.load_state_dict(info["loader"])
+        except ValueError as e:
+            raise UsageError(f"cannot resume from {latest}: {e}",
+                             hint=f"rerun with the number of processes that wrote it "
+                                  f"({info['loader'].get('world_size')}), or start over with a new --name") from None
         start = int(info["iteration"])
         metrics.truncate(start)
         if console is not None:
@@ -209,11 +238,13 @@ def run_loop(cfg: LoopConfig, *, modules: dict[str, torch.nn.Module], optimizers
             for k in range(accum):
                 batch = next(batches)
                 generator = micro_batch_generator(cfg.seed, it, k * world_size + rank, device)
+                torch.manual_seed(global_rng_seed(cfg.seed, it, k * world_size + rank))
                 syncing = k == accum - 1 or accelerator is None or world_size == 1
                 no_sync = contextlib.ExitStack()
                 if not syncing:
                     for name in names:
-                        no_sync.enter_context(accelerator.no_sync(modules[name]))
+                        no_sync.enter_context(fsdp.no_grad_sync(modules[name]) if sharded[name]
+                                              else accelerator.no_sync(modules[name]))
                 with no_sync, torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
                     loss, terms = step_fn(it, batch, generator)
                 if not torch.isfinite(loss.detach()).all():
@@ -225,10 +256,16 @@ def run_loop(cfg: LoopConfig, *, modules: dict[str, torch.nn.Module], optimizers
                     scaled.backward()
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + _to_float(value) / accum
+            sums = mean_over_ranks(sums, world_size, device)
             for name in names:
                 params = [p for p in modules[name].parameters() if p.grad is not None]
                 limit = grad_clip.get(name)
-                norm = torch.nn.utils.clip_grad_norm_(params, limit if limit else float("inf"))
+                if sharded[name]:  # FSDP averaged the sharded gradients; the replicated leftovers need it too
+                    fsdp.sync_replicated_grads(modules[name])
+                    params = [p for p in modules[name].parameters() if p.grad is not None]
+                    norm = fsdp.clip_grad_norm(params, limit if limit else float("inf"))
+                else:
+                    norm = torch.nn.utils.clip_grad_norm_(params, limit if limit else float("inf"))
                 if not math.isfinite(float(norm)):
                     raise stop(f"gradient norm of {name}", it + 1)
                 sums[f"grad_norm_{name}"] = float(norm)

@@ -73,10 +73,10 @@ class Plan:
                    fingerprint=fp, output_id=output_id, output_path=output_path,
                    complete=(output_path / "manifest.json").is_file(), rows=list(rows), facts=dict(facts or {}))
 
-    def begin(self, store: Store) -> Staging:
+    def begin(self, store: Store, writer: str = "shared") -> Staging:
         return store.begin(kind=self.kind, stage=self.stage, stage_version=self.stage_version, config=self.config,
                            identity_config=self.identity, inputs=self.inputs, external_models=self.external_models,
-                           name=self.name)
+                           name=self.name, writer=writer)
 
 
 @dataclass
@@ -104,14 +104,29 @@ def render_plan(plan: Plan, console) -> None:
     for role, artifact in plan.inputs:
         console.print(f"  input {role}: {artifact.id}")
     for key, value in plan.rows:
-        console.print(f"  {key}: {value}")
+        console.print(f"  {key}: {value}", markup=False)  # values are data: `tmdcli[plot]` is not a style tag
     if not any(getattr(a, "planned", False) for _, a in plan.inputs):
         console.print(f"  output: {plan.output_path}")
 
 
+def writer_role(stage, info: DistInfo) -> str:
+    """How this process writes the stage's staging folder (Store.begin): data-parallel stages share it shard by
+    shard; a single-writer stage (training, eval) is written by rank 0 alone, and a second run is refused."""
+    if getattr(stage, "DATA_PARALLEL", True):
+        return "shared"
+    return "only" if info.is_main else "none"
+
+
 def execute(stage, cfg, *, home: Path, dry_run: bool = False, shard: str | None = None, device: str = "auto",
-            show_config: bool = False) -> Artifact | None:
-    """Plan, render, and (unless --dry-run or up to date) run a stage; print the artifact path on stdout."""
+            show_config: bool = False, verify_inputs: bool = True) -> Artifact | None:
+    """Plan, render, and (unless --dry-run or up to date) run a stage; print the artifact path on stdout.
+
+    Before running, the inputs are checked against their manifests (sizes always, sha256 unless `verify_inputs` is
+    False); the run holds the staging lock (artifacts/locks.py) and the recording SIGINT handler
+    (runtime/interrupts.py), so an interrupt always ends in exit 130 with the staging folder kept for a resume.
+    """
+    from tmdcli.artifacts import verify_inputs as checks
+    from tmdcli.runtime import interrupts
     from tmdcli.runtime.log import console as make_console
 
     info = dist_info()
@@ -130,9 +145,16 @@ def execute(stage, cfg, *, home: Path, dry_run: bool = False, shard: str | None 
         if info.is_main:
             print(artifact.path)
         return artifact
-    staging = plan.begin(store)
+    checks.verify_inputs(store.home, plan.inputs, hashes=verify_inputs)
     rt = Runtime(console=console, dist=info, worker=worker, num_workers=num_workers, device=device)
-    artifact = stage.run(cfg, plan, staging, rt)
+    with interrupts.guard():
+        staging = plan.begin(store, writer_role(stage, info))
+        try:
+            artifact = staging.artifact if staging.complete else stage.run(cfg, plan, staging, rt)
+        finally:
+            staging.release()
+    if artifact is not None and artifact.path.parent.parent == store.home:
+        checks.remember_committed(store.home, artifact)
     if artifact is not None and info.is_main:
         print(artifact.path)
     elif artifact is None and num_workers > 1 and getattr(stage, "DATA_PARALLEL", True):

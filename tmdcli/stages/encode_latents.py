@@ -17,11 +17,11 @@ from tmdcli.artifacts.store import Artifact, Staging, Store, is_planned
 from tmdcli.data.shards import NEGATIVE_FILE, latents_shard_name, read_latents_meta, shard_files, storage_dtype_name
 from tmdcli.errors import ArtifactError, UsageError
 from tmdcli.stages.common import NOT_IDENTITY, Plan, Runtime
+from tmdcli.stages.shard_work import finish_when_complete, making
 from tmdcli.stages.synth_videos import (
     check_video_size,
     chunks,
     external_model,
-    finish_when_complete,
     resolve_input,
     size_rules,
     staged_count,
@@ -105,9 +105,7 @@ def run(cfg: EncodeLatentsConfig, plan: Plan, staging: Staging, rt: Runtime) -> 
     videos = plan.inputs[0][1]
     sources = shard_files(videos.manifest.files, "videos")
     names = [latents_shard_name(k) for k, _ in sources]
-    todo = [i for i in my_shards(len(names), rt.worker, rt.num_workers) if not staging.has(names[i])]
-    if todo or not staging.has(NEGATIVE_FILE):
-        _encode(cfg, videos, sources, names, todo, staging, rt)
+    mine = my_shards(len(names), rt.worker, rt.num_workers)
 
     def summarise() -> tuple[dict, dict]:
         metas = [read_latents_meta(staging.path / name) for name in names]
@@ -127,7 +125,10 @@ def run(cfg: EncodeLatentsConfig, plan: Plan, staging: Staging, rt: Runtime) -> 
         }
         return {"num_items": num_items, "num_failed": len(failed), "num_shards": len(names)}, facts
 
-    return finish_when_complete(staging, names, rt, summarise, extra=[NEGATIVE_FILE])
+    def make(todo: list[int]) -> None:
+        _encode(cfg, videos, sources, names, todo, staging, rt)
+
+    return finish_when_complete(staging, names, rt, summarise, make=make, mine=mine, extra=[NEGATIVE_FILE])
 
 
 def _encode(cfg: EncodeLatentsConfig, videos: Artifact, sources, names, todo, staging: Staging, rt: Runtime) -> None:
@@ -174,63 +175,71 @@ def _encode(cfg: EncodeLatentsConfig, videos: Artifact, sources, names, todo, st
         return wan.encode_text(teacher.tokenizer, teacher.text_encoder, prompts, seq_len, teacher.device,
                                teacher.dtype)
 
-    if not staging.has(NEGATIVE_FILE):
-        emb, lengths = encode_text([teacher.defaults.negative_prompt])
-        with staging.atomic_path(NEGATIVE_FILE) as tmp:
-            write_negative(tmp, text_1SD=emb, length=int(lengths[0]), prompt=teacher.defaults.negative_prompt,
-                           dtype=store_dtype)
+    with making(staging, NEGATIVE_FILE) as ours:
+        if ours:
+            emb, lengths = encode_text([teacher.defaults.negative_prompt])
+            with staging.atomic_path(NEGATIVE_FILE) as tmp:
+                write_negative(tmp, text_1SD=emb, length=int(lengths[0]), prompt=teacher.defaults.negative_prompt,
+                               dtype=store_dtype)
     counts = {i: read_index_count(videos, sources[i][1]) for i in todo}
     progress = Progress(sum(counts.values()), f"encode-latents worker {rt.worker}/{rt.num_workers}", unit="clips",
                         per_hour=True)
     try:
         with tempfile.TemporaryDirectory(prefix="tmd-encode-") as scratch:
             for i in todo:
-                k, rel = sources[i]
-                with VideosShard(videos.file(rel)) as shard:
-                    saved = shard.tensors() if reuse else {}
-                    latents, failed, pending = {}, [], []
-                    for item in shard.items:
-                        key = f"latent.{item['id']}"
-                        if key in saved and list(saved[key].shape) == shape:
-                            latents[item["id"]] = saved[key].float()
-                            continue
-                        mp4 = Path(scratch) / f"{item['id']}.mp4"
-                        try:
-                            mp4.write_bytes(shard.mp4(item["id"]))
-                            clip = read_mp4(mp4)
-                        except (KeyError, MediaError) as exc:
-                            reason = "missing mp4" if isinstance(exc, KeyError) else exc.message
-                            failed.append({"id": item["id"], "reason": reason})
-                            continue
-                        finally:
-                            mp4.unlink(missing_ok=True)
-                        if clip.shape != (frames, height, width, 3):
-                            failed.append({"id": item["id"], "reason": f"frames {'x'.join(map(str, clip.shape[:3]))},"
-                                                                       f" expected {frames}x{height}x{width}"})
-                            continue
-                        pending.append((item["id"], clip))
-                    num_reused = len(latents)
-                    for batch in chunks(pending, cfg.batch_size):
-                        pixels = torch.stack([torch.from_numpy(uint8_to_frames(clip)) for _, clip in batch])
-                        z = teacher.encode_video(pixels).float().cpu()
-                        latents.update({item_id: z[j] for j, (item_id, _) in enumerate(batch)})
-                    kept = [item for item in shard.items if item["id"] in latents]
-                    texts, lengths = [], []
-                    for batch in chunks([item["prompt"] for item in kept], cfg.batch_size):
-                        emb, n = encode_text(batch)
-                        texts.append(emb.float().cpu())
-                        lengths.append(n)
-                    text = torch.cat(texts) if texts else torch.zeros(0, seq_len, teacher.text_encoder.config.d_model)
-                    lat = torch.stack([latents[item["id"]] for item in kept]) if kept else torch.zeros(0, *shape)
-                    meta = {"shard": k, "videos_shard": rel, **shared, "text_dim": int(text.shape[-1]),
-                            "prompts": [item["prompt"] for item in kept], "seeds": [item["seed"] for item in kept],
-                            "failed": failed, "num_reused": num_reused, "num_encoded": len(kept) - num_reused}
-                    with staging.atomic_path(names[i]) as tmp:
-                        write_latents_shard(tmp, ids=[item["id"] for item in kept], latents_BCTHW=lat, text_BSD=text,
-                                            text_lengths_B=torch.cat(lengths) if lengths else torch.zeros(0),
-                                            meta=meta, dtype=store_dtype)
-                    for f in failed:
-                        print(f"skipped video {f['id']} ({rel}): {f['reason']}", file=sys.stderr)
+                with making(staging, names[i]) as ours:  # one process per shard, even for a twice-started command
+                    if not ours:
+                        progress.update(counts[i])  # done meanwhile, or another process makes it
+                        continue
+                    k, rel = sources[i]
+                    with VideosShard(videos.file(rel)) as shard:
+                        saved = shard.tensors() if reuse else {}
+                        latents, failed, pending = {}, [], []
+                        for item in shard.items:
+                            key = f"latent.{item['id']}"
+                            if key in saved and list(saved[key].shape) == shape:
+                                latents[item["id"]] = saved[key].float()
+                                continue
+                            mp4 = Path(scratch) / f"{item['id']}.mp4"
+                            try:
+                                mp4.write_bytes(shard.mp4(item["id"]))
+                                clip = read_mp4(mp4)
+                            except (KeyError, MediaError) as exc:
+                                reason = "missing mp4" if isinstance(exc, KeyError) else exc.message
+                                failed.append({"id": item["id"], "reason": reason})
+                                continue
+                            finally:
+                                mp4.unlink(missing_ok=True)
+                            if clip.shape != (frames, height, width, 3):
+                                got = "x".join(map(str, clip.shape[:3]))
+                                failed.append({"id": item["id"],
+                                               "reason": f"frames {got}, expected {frames}x{height}x{width}"})
+                                continue
+                            pending.append((item["id"], clip))
+                        num_reused = len(latents)
+                        for batch in chunks(pending, cfg.batch_size):
+                            pixels = torch.stack([torch.from_numpy(uint8_to_frames(clip)) for _, clip in batch])
+                            z = teacher.encode_video(pixels).float().cpu()
+                            latents.update({item_id: z[j] for j, (item_id, _) in enumerate(batch)})
+                        kept = [item for item in shard.items if item["id"] in latents]
+                        texts, lengths = [], []
+                        for batch in chunks([item["prompt"] for item in kept], cfg.batch_size):
+                            emb, n = encode_text(batch)
+                            texts.append(emb.float().cpu())
+                            lengths.append(n)
+                        text = (torch.cat(texts) if texts
+                                else torch.zeros(0, seq_len, teacher.text_encoder.config.d_model))
+                        lat = torch.stack([latents[item["id"]] for item in kept]) if kept else torch.zeros(0, *shape)
+                        meta = {"shard": k, "videos_shard": rel, **shared, "text_dim": int(text.shape[-1]),
+                                "prompts": [item["prompt"] for item in kept], "seeds": [item["seed"] for item in kept],
+                                "failed": failed, "num_reused": num_reused, "num_encoded": len(kept) - num_reused}
+                        with staging.atomic_path(names[i]) as tmp:
+                            write_latents_shard(tmp, ids=[item["id"] for item in kept], latents_BCTHW=lat,
+                                                text_BSD=text,
+                                                text_lengths_B=torch.cat(lengths) if lengths else torch.zeros(0),
+                                                meta=meta, dtype=store_dtype)
+                        for f in failed:
+                            print(f"skipped video {f['id']} ({rel}): {f['reason']}", file=sys.stderr)
                 progress.update(counts[i])
     finally:
         progress.close()

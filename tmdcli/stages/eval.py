@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmdcli.artifacts.fingerprint import canonical_json, sha256_bytes
+from tmdcli.artifacts.media import ffmpeg_plan_row
 from tmdcli.artifacts.store import Artifact, Staging, Store
 from tmdcli.errors import UsageError
 from tmdcli.evaluation import report, vbench
@@ -34,6 +35,7 @@ from tmdcli.stages.synth_videos import (
 )
 
 STAGE, STAGE_VERSION, OUTPUT_KIND = "eval", 1, "eval"
+DATA_PARALLEL = False  # one process samples and scores; a second run of the same eval is refused
 SUITES = ("quick", "toy", "vbench")
 DEFAULT_SAMPLES = {"quick": 4, "toy": 2, "vbench": vbench.SAMPLES_PER_PROMPT}
 DEFAULT_TOY_PROMPTS = 16  # captions per split (train and heldout)
@@ -68,6 +70,12 @@ class EvalConfig:
     prompts_sha256: str | None = None
     clip_identity: str | None = None
     vbench_version: str | None = None
+    # speed options (runtime/speed.py): only the exact ones are accepted here (check_exact), hence not identity
+    vae_dtype: str = field(default="auto", metadata=NOT_IDENTITY)
+    decoder: str = field(default="auto", metadata=NOT_IDENTITY)
+    compile: bool = field(default=False, metadata=NOT_IDENTITY)
+    attention: str | None = field(default=None, metadata=NOT_IDENTITY)
+    cuda_graphs: bool = field(default=False, metadata=NOT_IDENTITY)
 
 
 @dataclass
@@ -100,8 +108,10 @@ def _slug(text: str) -> str:
 
 def plan(cfg: EvalConfig, store: Store) -> Plan:
     """Resolve models, prompts, size and encoders and check everything (VBench's environment included); no torch."""
+    from tmdcli.runtime.speed import check_exact, from_config
+
     _check_options(cfg)
-    report.check_matplotlib()
+    check_exact(from_config(cfg), "eval")
     k = cfg.samples_per_prompt or DEFAULT_SAMPLES[cfg.suite]
     if store.plan_missing_inputs and not store.list("student") and any(
             parse_model_spec(m)[0] in ("latest", "student:latest") for m in cfg.models):
@@ -170,6 +180,10 @@ def plan(cfg: EvalConfig, store: Store) -> Plan:
                               f"{', '.join(v['dimensions'])}, prompts {v['prompt_form']}")]
     elif cfg.clip_model:
         p.rows += [("clip", f"{facts['clip']['kind']} {facts['clip']['path']}")]
+    p.rows.append(ffmpeg_plan_row(required=not (store.plan_missing_inputs or p.complete)))  # before any sampling
+    if not report.can_plot():  # the report is still written; only the PNG is left out (report.PLOT_MISSING_NOTE)
+        p.rows += [("plot", report.PLOT_MISSING_NOTE)]
+    p.rows.append(("screenshot", _screenshot_plan()))
     p.facts.update(facts, specs=specs, prompts=items, prompts_source=source, cfg=r)
     return p
 
@@ -186,6 +200,9 @@ def _plan_before_students(cfg: EvalConfig, store: Store, k: int, blocked: UsageE
     if blocked is not None:
         rows.append(("vbench", f"NOT AVAILABLE: {blocked.message}" + (f" ({blocked.hint})" if blocked.hint else "")))
         rows.append(("note", "a real run stops here with exit 2 until the above is fixed"))
+    rows.append(ffmpeg_plan_row(required=False))  # a dry run: shown, never an error
+    if not report.can_plot():
+        rows.append(("plot", report.PLOT_MISSING_NOTE))
     inputs = [("model", PlannedInput("student"))] if not store.list("student") else []
     return Plan.build(store, stage=STAGE, stage_version=STAGE_VERSION, kind=OUTPUT_KIND, cfg=cfg, inputs=inputs,
                       name=cfg.name, rows=rows)
@@ -303,11 +320,9 @@ def _quick_prompts(prompts: str, store: Store) -> tuple[list[dict], str, Artifac
 
 
 def _artifact_prompts(artifact: Artifact) -> list[tuple[str, str]]:
-    import pyarrow.parquet as pq
+    from tmdcli.stages.make_prompts import PROMPTS_FILE, read_prompts_table
 
-    from tmdcli.stages.synth_videos import PROMPTS_FILE
-
-    table = pq.read_table(artifact.file(PROMPTS_FILE)).to_pylist()
+    table = read_prompts_table(artifact.file(PROMPTS_FILE), artifact.id).to_pylist()
     rows = sorted(table, key=lambda r: r["id"])
     return [(r.get("source_prompt") or r["prompt"], r["prompt"]) for r in rows]
 
@@ -373,19 +388,52 @@ def run(cfg: EvalConfig, plan: Plan, staging: Staging, rt: Runtime) -> Artifact:
         scores = [by_key[s.key] for s in specs]
     results = _results(plan, cfg, specs, prompts, timings, scores)
     staging.write_bytes("results.json", (json.dumps(results, indent=2) + "\n").encode())
-    staging.write_bytes("report.md", report.report_markdown(results).encode())
     staging.write_bytes("gallery.html", report.gallery_html(results).encode())
-    with staging.atomic_path("quality_vs_nfe.png") as tmp:
-        report.plot_quality_vs_nfe(results, tmp)
+    skipped = _screenshot_gallery(staging)  # before report.md, which shows the picture or says why there is none
+    plotted = report.can_plot()
+    staging.write_bytes("report.md", report.report_markdown(results, plotted=plotted,
+                                                            screenshot_skipped=skipped).encode())
+    if plotted:
+        with staging.atomic_path(report.PLOT_FILE) as tmp:
+            report.plot_quality_vs_nfe(results, tmp)
+    else:
+        print(f"note: {report.PLOT_MISSING_NOTE}", file=sys.stderr)
     table = report.text_table(results)
     print(table, file=sys.stderr)
     facts = {"suite": cfg.suite, "reference": specs[0].label, "num_prompts": len(prompts),
              "samples_per_prompt": cfg.samples_per_prompt, "report_table": table,
              "models": [{"label": m["label"], "kind": m["kind"], "effective_nfe": m["effective_nfe"]}
                         for m in results["models"]]}
+    facts["screenshot"] = f"not taken: {skipped}" if skipped else report.SCREENSHOT_FILE  # `tmd show` lists it
     if plan.facts.get("prompts_license"):
         facts["prompts_license"] = plan.facts["prompts_license"]
     return staging.commit(stats={"num_videos": sum(t["num_videos"] for t in timings.values())}, facts=facts)
+
+
+def _screenshot_plan() -> str:
+    """The dry-run row: which browser will render gallery.png, or why it will be skipped."""
+    from tmdcli.evaluation import browser
+
+    binary = browser.find_chromium()
+    return (f"{report.SCREENSHOT_FILE} with {binary}" if binary else
+            f"{report.SCREENSHOT_FILE} skipped: no Chromium on PATH ({browser.INSTALL_HINT})")
+
+
+def _screenshot_gallery(staging: Staging) -> str | None:
+    """gallery.png, the staged gallery.html rendered by headless Chromium; None when written, else why not.
+
+    Chromium is optional and the samples are already paid for, so a missing or crashing browser is a note, never a
+    failed eval.
+    """
+    from tmdcli.evaluation import browser
+
+    try:
+        staging.write_bytes(report.SCREENSHOT_FILE, browser.gallery_screenshot(staging.path / "gallery.html"))
+        return None
+    except browser.BrowserError as exc:
+        (staging.path / report.SCREENSHOT_FILE).unlink(missing_ok=True)  # a resumed run's stale picture
+        print(f"note: {report.SCREENSHOT_FILE} not taken: {exc}", file=sys.stderr)
+        return str(exc)
 
 
 def _sample(spec: ModelSpec, cfg: EvalConfig, prompts: list[dict], facts: dict, staging: Staging,
@@ -404,6 +452,7 @@ def _sample(spec: ModelSpec, cfg: EvalConfig, prompts: list[dict], facts: dict, 
         return totals
     from tmdcli.api import VideoGenerator
     from tmdcli.artifacts.media import write_mp4_from_tensor
+    from tmdcli.runtime.speed import from_config
     from tmdcli.runtime.dist import device_for
     from tmdcli.runtime.log import Progress
 
@@ -411,12 +460,14 @@ def _sample(spec: ModelSpec, cfg: EvalConfig, prompts: list[dict], facts: dict, 
         teacher_key = spec.key.rpartition(":steps=")[0]
         if teacher_key not in loaded:
             loaded.clear()  # one model in memory at a time
-            loaded[teacher_key] = VideoGenerator(spec.ref, device=device_for(rt.device, rt.dist), dtype=cfg.dtype)
+            loaded[teacher_key] = VideoGenerator(spec.ref, device=device_for(rt.device, rt.dist), dtype=cfg.dtype,
+                                                 speed=from_config(cfg))
         generator = loaded[teacher_key]
         generator.num_steps = spec.num_steps  # the teacher's own sampler at this spec's steps
     else:
         loaded.clear()
-        generator = VideoGenerator(spec.ref, device=device_for(rt.device, rt.dist), dtype=cfg.dtype)
+        generator = VideoGenerator(spec.ref, device=device_for(rt.device, rt.dist), dtype=cfg.dtype,
+                                   speed=from_config(cfg))
     frames, height, width = facts["size"]
     progress = Progress(len(todo), f"eval: sampling {spec.label}", unit="clips")
     try:
@@ -450,10 +501,13 @@ def _finite(obj):
 
 def _sampler_settings(ref, num_steps: int | None) -> dict:
     """What produced a model's clips: the teacher's own sampler, or the student's (M, N, H) and grids."""
+    from tmdcli.objectives.u_param import stored_u_param
+
     if ref.kind == "student":
         info = ref.student_info
         keys = ("num_outer_steps", "num_inner_steps", "num_head_blocks")
         return {"algorithm": "TMD Algorithm 1", **{k: info["config"].get(k) for k in keys},
+                "u_param": stored_u_param(info["config"]),
                 "outer_grid": info.get("outer_grid"), "inner_grid": info.get("inner_grid")}
     from tmdcli.registry import teacher_defaults
 

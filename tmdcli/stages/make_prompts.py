@@ -400,9 +400,40 @@ def _facts(cfg: MakePromptsConfig, resolved: _Resolved, n: int, compute: dict | 
 
 def read_prompts(path: str | Path) -> list[dict]:
     """The rows of a prompts artifact folder (or of a prompts.parquet file), in id order."""
-    import pyarrow.parquet as pq
-
     path = Path(path)
     if path.is_dir():
         path = path / PROMPTS_FILE
-    return pq.read_table(path).to_pylist()
+    return read_prompts_table(path, path.parent.name).to_pylist()
+
+
+def _damaged(path: Path, artifact_id: str, exc: Exception):
+    """A prompts.parquet pyarrow cannot parse (truncated, overwritten): exit 1 naming the file, the artifact and
+    the way back (DESIGN.md 3: a damaged input is refused naming the file)."""
+    from tmdcli.errors import IntegrityError
+
+    detail = (str(exc).splitlines() or [type(exc).__name__])[0].split("': ", 1)[-1]  # the path is said already
+    return IntegrityError(f"{path} of prompts artifact {artifact_id} is damaged ({detail})",
+                          hint=f"`tmd verify {artifact_id}` confirms it; delete {path.parent} and rerun the "
+                               f"`tmd make-prompts` that made it (`tmd show {artifact_id}` prints its config)")
+
+
+def read_prompts_table(path: Path, artifact_id: str, columns: Sequence[str] | None = None):
+    """prompts.parquet as a pyarrow Table; a damaged file is an IntegrityError (exit 1), not a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=list(columns) if columns is not None else None)
+    except (pa.ArrowException, OSError) as exc:  # a missing file is the caller's check; OSError covers short reads
+        raise _damaged(Path(path), artifact_id, exc) from None
+
+
+def count_prompts(path: Path, artifact_id: str) -> int:
+    """Rows in prompts.parquet from its footer alone (plans stay cheap); exit 1 when the footer is damaged."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise _damaged(Path(path), artifact_id, exc) from None

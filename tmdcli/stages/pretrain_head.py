@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from tmdcli.artifacts.store import Artifact, Staging, Store
 from tmdcli.errors import UsageError
+from tmdcli.objectives.u_param import DEFAULT_U_PARAM, U_FORMS, U_PARAMS
 from tmdcli.stages.common import Plan, Runtime
 from tmdcli.stages.training import (
     CHECKPOINT_DIR,
@@ -25,6 +26,7 @@ from tmdcli.stages.training import (
     make_validator,
     resolve_training_inputs,
     run_setup,
+    wrap_trained,
 )
 from tmdcli.stages.synth_videos import external_model
 
@@ -42,6 +44,7 @@ class PretrainHeadConfig(TrainingOptions):
     inner_gamma: float = 10.0
     objective: str = "tmmf"
     fusion: str = "gated"
+    u_param: str = DEFAULT_U_PARAM  # "consistent" (D19) or "paper" (Eq. 14); stored in the student
     cfg_scale: float = 3.0
     cond_dropout: float = 0.1
     fd_delta: float = 5e-3
@@ -52,10 +55,11 @@ class PretrainHeadConfig(TrainingOptions):
     extra: dict = field(default_factory=dict)
 
 
-def resolve(cfg: PretrainHeadConfig, entry, num_blocks: int) -> PretrainHeadConfig:
-    """Fill the per-teacher defaults so the manifest records the values actually used."""
-    return replace(cfg, teacher=entry.name, lr=cfg.lr if cfg.lr is not None else default_lr(entry, STAGE),
-                   norm_c=cfg.norm_c if cfg.norm_c is not None else entry.loss_norm_c_per_element,
+def resolve(cfg: PretrainHeadConfig, entry, family) -> PretrainHeadConfig:
+    """Fill the family's defaults (`models.family`, from the transformer config) so the manifest records the
+    values actually used."""
+    return replace(cfg, teacher=entry.name, lr=cfg.lr if cfg.lr is not None else default_lr(family, STAGE),
+                   norm_c=cfg.norm_c if cfg.norm_c is not None else family.norm_c,
                    r_equals_s_prob=1.0 if cfg.objective == "tm" else cfg.r_equals_s_prob)
 
 
@@ -63,6 +67,9 @@ def _check(cfg: PretrainHeadConfig) -> None:
     check_run_options(cfg)
     if cfg.objective not in OBJECTIVES:
         raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.u_param not in U_PARAMS:
+        raise UsageError(f"--u-param must be one of {', '.join(U_PARAMS)}, got {cfg.u_param!r}",
+                         hint="consistent: u = (y_s - head)/s (METHOD.md D19); paper: u = y1 - head (TMD Eq. 14)")
     if cfg.fusion not in ("gated", "concat"):
         raise UsageError(f"--fusion must be gated or concat, got {cfg.fusion!r}")
     if cfg.num_outer_steps < 1 or cfg.num_inner_steps < 1:
@@ -88,7 +95,7 @@ def plan(cfg: PretrainHeadConfig, store: Store) -> Plan:
     notes: list = []
     cfg = replace(cfg, num_head_blocks=check_head_blocks(cfg.num_head_blocks, inputs.num_blocks, inputs.entry.name,
                                                          notes))
-    r = resolve(cfg, inputs.entry, inputs.num_blocks)
+    r = resolve(cfg, inputs.entry, inputs.family)
     world = planned_world_size()
     check_enough_items(inputs, r.micro_batch, world)
     shape = WanShape.from_config(inputs.config)
@@ -106,9 +113,11 @@ def plan(cfg: PretrainHeadConfig, store: Store) -> Plan:
         ("student", f"M{r.num_outer_steps} N{r.num_inner_steps} H{r.num_head_blocks} ({r.fusion} fusion), "
                     f"effective NFE {nfe:.3g}; outer grid {[round(v, 3) for v in outer_grid(r.num_outer_steps, r.outer_gamma)]},"
                     f" inner grid {[round(v, 3) for v in inner_grid(r.num_inner_steps, r.inner_gamma)]}"),
-        ("objective", f"{'TM-MeanFlow' if r.objective == 'tmmf' else 'transition matching (r = s)'}: CFG "
+        ("objective", f"{'TM-MeanFlow' if r.objective == 'tmmf' else 'transition matching (r = s)'}, "
+                      f"{U_FORMS[r.u_param]}: CFG "
                       f"{r.cfg_scale}, dropout {r.cond_dropout}, FD delta {r.fd_delta}, r = s for "
                       f"{r.r_equals_s_prob:.0%}, c = {r.norm_c:g} d"),
+        *inputs.family_rows(),
         inputs.data_row(),
         ("schedule", f"{r.iters} iterations x batch {r.batch} ({r.micro_batch}/GPU x {world} GPU(s) x {accum} "
                      f"accumulation), AdamW lr {r.lr:g}, clip {r.grad_clip}; checkpoint every {r.save_every}"),
@@ -127,7 +136,7 @@ def run(cfg: PretrainHeadConfig, plan: Plan, staging: Staging, rt: Runtime) -> A
     from tmdcli.models.student import StudentConfig, TMDStudent
     from tmdcli.objectives.meanflow import TMMeanFlowParams, tm_meanflow_loss
     from tmdcli.registry import load_teacher
-    from tmdcli.runtime.train_loop import LoopConfig, MetricsLog, make_adamw, run_loop
+    from tmdcli.runtime.train_loop import LoopConfig, MetricsLog, run_loop
 
     cfg = PretrainHeadConfig(**plan.config)
     setup = run_setup(rt)
@@ -135,7 +144,8 @@ def run(cfg: PretrainHeadConfig, plan: Plan, staging: Staging, rt: Runtime) -> A
     teacher = load_teacher(cfg.teacher, device=str(setup.device), dtype="float32", parts=("transformer", "vae"))
     student_cfg = StudentConfig(num_outer_steps=cfg.num_outer_steps, num_inner_steps=cfg.num_inner_steps,
                                 num_head_blocks=cfg.num_head_blocks, outer_gamma=cfg.outer_gamma,
-                                inner_gamma=cfg.inner_gamma, fusion=cfg.fusion, method="tmd", teacher=cfg.teacher)
+                                inner_gamma=cfg.inner_gamma, fusion=cfg.fusion, u_param=cfg.u_param, method="tmd",
+                                teacher=cfg.teacher)
     student = TMDStudent.from_teacher(teacher.transformer, student_cfg, seed=cfg.seed).to(setup.device)
     student.checkpointing = cfg.checkpointing
     student.train()
@@ -146,7 +156,8 @@ def run(cfg: PretrainHeadConfig, plan: Plan, staging: Staging, rt: Runtime) -> A
         d *= int(n)
     params = TMMeanFlowParams(outer_grid=tuple(student_cfg.outer_grid()), inner_grid=tuple(student_cfg.inner_grid()),
                               norm_c=cfg.norm_c * d, cfg_scale=cfg.cfg_scale, cond_dropout=cfg.cond_dropout,
-                              fd_delta=cfg.fd_delta, r_equals_s_prob=cfg.r_equals_s_prob, s_gamma=cfg.s_gamma)
+                              fd_delta=cfg.fd_delta, r_equals_s_prob=cfg.r_equals_s_prob, s_gamma=cfg.s_gamma,
+                              u_param=cfg.u_param)
 
     class Objective(torch.nn.Module):
         """The student plus its loss, so DDP/FSDP see one forward per backward."""
@@ -160,8 +171,7 @@ def run(cfg: PretrainHeadConfig, plan: Plan, staging: Staging, rt: Runtime) -> A
                                     params)
 
     objective = Objective()
-    optimizer = make_adamw(objective.parameters(), cfg.lr)
-    objective, optimizer = setup.accelerator.prepare(objective, optimizer)
+    objective, optimizer = wrap_trained(setup, objective, cfg.lr)  # DDP, or FSDP2 per unit (runtime/fsdp.py)
     loader = LatentLoader(latents, batch_size=cfg.micro_batch, seed=cfg.seed, rank=setup.rank,
                           world_size=setup.world_size, device=setup.device)
     metrics = MetricsLog(staging.path / METRICS_FILE, enabled=setup.is_main, backend=cfg.log_to,
@@ -184,6 +194,7 @@ def run(cfg: PretrainHeadConfig, plan: Plan, staging: Staging, rt: Runtime) -> A
     finally:
         metrics.close()
     facts = {"teacher": cfg.teacher, "method": "tmd", "stage": STAGE, "objective": cfg.objective,
+             "u_param": cfg.u_param,
              "num_outer_steps": cfg.num_outer_steps, "num_inner_steps": cfg.num_inner_steps,
              "num_head_blocks": cfg.num_head_blocks, "num_blocks": plan.facts["num_blocks"],
              "effective_nfe": plan.facts["effective_nfe"], "latents": latents.id, "world_size": setup.world_size}

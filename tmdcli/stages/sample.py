@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class SampleRequest:
     home: Path = Path("tmd-home")
     device: str = "auto"
     dtype: str = "auto"
+    dry_run: bool = False  # plan only: a missing ffmpeg is shown, not an error
+    verify_inputs: bool = True  # sha256 of a student's files against its manifest (sizes are always checked)
+    speed: object = None  # runtime.speed.SpeedOptions (None: the defaults)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class SamplePlan:
     init_student: tuple[int, int, int] | None
     effective_nfe: float | None
     notes: list[str] = field(default_factory=list)
+    ffmpeg: str = ""  # the ffmpeg that will write the mp4s, or what is missing (dry run)
 
 
 @dataclass
@@ -129,8 +134,11 @@ def plan(request: SampleRequest) -> SamplePlan:
     """Resolve prompts, model, size, seeds and outputs; nothing heavy is imported and nothing is written."""
     from tmdcli.api import default_sampling, resolve_model
 
+    from tmdcli.runtime.speed import SpeedOptions, check
+
     if request.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {request.batch_size}")
+    check(request.speed or SpeedOptions())
     prompts = read_prompts(request)
     ref = resolve_model(request.model, request.home)
     defaults = default_sampling(ref)
@@ -166,17 +174,43 @@ def plan(request: SampleRequest) -> SamplePlan:
         from tmdcli.objectives.grids import effective_nfe
 
         nfe = effective_nfe(c["num_outer_steps"], n, c["num_head_blocks"], info["num_blocks"])
+    from tmdcli.artifacts.media import ffmpeg_plan_row
+
+    ffmpeg = ffmpeg_plan_row(required=not request.dry_run)[1]  # before any weights are loaded
     return SamplePlan(request=request, ref=ref, prompts=prompts, seeds=seeds, paths=paths, num_frames=num_frames,
-                      height=height, width=width, init_student=init_student, effective_nfe=nfe, notes=notes)
+                      height=height, width=width, init_student=init_student, effective_nfe=nfe, notes=notes,
+                      ffmpeg=ffmpeg)
 
 
 def render_plan(p: SamplePlan, console) -> None:
     model = f"{p.ref.kind} {p.ref.label}" + (f" (teacher {p.ref.teacher.name})" if p.ref.kind == "student" else "")
     console.print(f"[bold]sample[/bold]: {len(p.prompts)} prompt(s) with {model}, "
                   f"{p.num_frames}x{p.height}x{p.width}, seeds {p.seeds[0]}..{p.seeds[-1]}")
+    if p.ref.kind == "student":
+        from tmdcli.objectives.u_param import U_FORMS, stored_u_param
+
+        c = p.ref.student_info["config"]
+        form = "DMD2-v (x_t - t v)" if c.get("method") == "dmd2v" else U_FORMS[stored_u_param(c)]
+        console.print(f"  student: M{c['num_outer_steps']} N{c['num_inner_steps']} H{c['num_head_blocks']}, "
+                      f"effective NFE {p.effective_nfe:.3g}, {form}", markup=False)
     for note in p.notes:
         console.print(f"  note: {note}")
+    speed = p.request.speed
+    if speed is not None:
+        chosen = {k: v for k, v in speed.to_dict().items() if k != "compile_backend"}
+        console.print("  speed: " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
+    console.print(f"  ffmpeg: {p.ffmpeg}", markup=False)
     console.print(f"  output: {p.paths[0]}" + (f" ... ({len(p.paths)} files)" if len(p.paths) > 1 else ""))
+
+
+def verify_student(ref, request: SampleRequest) -> None:
+    """A student's files against its manifest before any weight is loaded (DESIGN.md 3): exit 1 naming a damaged
+    file."""
+    from tmdcli.artifacts.store import load_artifact
+    from tmdcli.artifacts.verify_inputs import verify_inputs
+
+    verify_inputs(Path(request.home), [("model", load_artifact(ref.student_dir.parent))],
+                  hashes=request.verify_inputs)
 
 
 def run(p: SamplePlan, console) -> SampleResult:
@@ -185,24 +219,29 @@ def run(p: SamplePlan, console) -> SampleResult:
     r = p.request
     for path in p.paths:  # fail before loading any weights when the output cannot be written
         _probe_write(path.parent)
+    if p.ref.kind == "student":
+        verify_student(p.ref, r)
     generator = VideoGenerator(p.ref, device=r.device, dtype=r.dtype, inner_steps=r.num_inner_steps,
-                               init_student=p.init_student, num_steps=r.num_steps, guidance_scale=r.guidance_scale)
+                               init_student=p.init_student, num_steps=r.num_steps, guidance_scale=r.guidance_scale,
+                               speed=r.speed)
     try:
         generator.teacher.latent_shape(p.num_frames, p.height, p.width)
     except ValueError as exc:
         raise UsageError(f"video size {p.num_frames}x{p.height}x{p.width} does not fit the model: {exc}") from exc
-    total = Timings()
+    total, write_s = Timings(), 0.0
     for start in range(0, len(p.prompts), r.batch_size):
         end = min(start + r.batch_size, len(p.prompts))
         gen = generator.generate(p.prompts[start:end], p.seeds[start:end], num_frames=p.num_frames,
                                  height=p.height, width=p.width)
+        t0 = time.perf_counter()
         generator.write_mp4(gen, p.paths[start:end])
+        write_s += time.perf_counter() - t0  # reported apart: encoding mp4s is not sampling (issue 18)
         total.text_s += gen.timings.text_s
         total.transformer_s += gen.timings.transformer_s
         total.vae_s += gen.timings.vae_s
         console.print(f"  {end}/{len(p.prompts)} videos")
     nfe = generator.effective_nfe
-    print(f"effective NFE {nfe:.3g} | {total}", file=sys.stderr)
+    print(f"effective NFE {nfe:.3g} | {total} | mp4 write {write_s:.3f} s", file=sys.stderr)
     return SampleResult(paths=p.paths, effective_nfe=nfe,
                         timings={"text_s": total.text_s, "transformer_s": total.transformer_s,
-                                 "vae_s": total.vae_s, "total_s": total.total_s})
+                                 "vae_s": total.vae_s, "total_s": total.total_s, "mp4_write_s": write_s})

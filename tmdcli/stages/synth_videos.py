@@ -2,8 +2,9 @@
 
 Item i of the prompts (sorted by id, first --limit) goes to shard i // shard_size, and its seed depends only on its
 id, so a shard's bytes do not depend on which worker made it. Workers (ranks of a launch x `--shard i/n` jobs) take
-shard k when k % num_workers == worker, skip shards already present (resume), and whoever finds every shard present
-commits. Also holds the helpers that encode-latents shares (input resolution, teacher facts, the commit rule).
+shard k when k % num_workers == worker, claim each shard while making it, skip shards already present (resume), and
+whoever finds every shard present commits (shard_work.py). Also holds the helpers that encode-latents shares (input
+resolution, teacher facts).
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from tmdcli.artifacts.store import STAGING_PREFIX, Artifact, Staging, Store, is_planned, load_artifact
+from tmdcli.artifacts.media import ffmpeg_plan_row
+from tmdcli.artifacts.store import STAGING_PREFIX, Artifact, Staging, Store, is_planned
 from tmdcli.data.shards import DEFAULT_SHARD_SIZE, num_shards, read_videos_index, videos_shard_name
 from tmdcli.errors import ArtifactError, UsageError
 from tmdcli.stages.common import NOT_IDENTITY, Plan, Runtime
+from tmdcli.stages.shard_work import finish_when_complete, making
 
 STAGE, STAGE_VERSION, OUTPUT_KIND = "synth-videos", 1, "videos"
 PROMPTS_FILE = "prompts.parquet"
@@ -44,9 +45,17 @@ class SynthVideosConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     save_latents: bool = False  # the sampler's clean latent per item (encode-latents reuses it)
     save_noise: bool = False  # the initial noise x_1 per item (KD warm-up pairs)
+    kd_pairs: bool = False  # the KD warm-up's pairs (METHOD.md 5.4): saves noise and latents, skip-layer guidance
+    skip_layer: int | None = None  # block left out of the unconditional pass (skip-layer guidance); --kd-pairs: 10
     dtype: str = "auto"  # transformer / text encoder compute dtype (VAE always fp32)
     batch_size: int = field(default=4, metadata=NOT_IDENTITY)  # per-sample seeds: batching does not pick the noise
     name: str | None = field(default=None, metadata=NOT_IDENTITY)
+    # speed options (runtime/speed.py): only the exact ones are accepted here (check_exact), hence not identity
+    vae_dtype: str = field(default="auto", metadata=NOT_IDENTITY)
+    decoder: str = field(default="auto", metadata=NOT_IDENTITY)
+    compile: bool = field(default=False, metadata=NOT_IDENTITY)
+    attention: str | None = field(default=None, metadata=NOT_IDENTITY)
+    cuda_graphs: bool = field(default=False, metadata=NOT_IDENTITY)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -148,37 +157,6 @@ def vae_digest(vae) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def finish_when_complete(staging: Staging, shard_names: Sequence[str], rt: Runtime,
-                         summarise: Callable[[], tuple[dict, dict]], *, extra: Sequence[str] = (),
-                         poll_s: float = 2.0) -> Artifact | None:
-    """Commit when every shard (and `extra` file) is present; else return None (another worker commits).
-
-    In a multi-rank launch only rank 0 commits: it first waits for the shards of its launch's other ranks (they
-    live and die with it), so the launch prints the artifact path once.
-    """
-    final = staging.final_path
-    if rt.dist.world_size > 1:
-        if not rt.dist.is_main:
-            return None
-        ws = rt.dist.world_size
-        ours = range(rt.worker - rt.worker % ws, rt.worker - rt.worker % ws + ws)
-        waiting = [n for k, n in enumerate(shard_names) if k % rt.num_workers in ours]
-        told = False
-        while not (final / "manifest.json").is_file() and not all(staging.has(n) for n in waiting):
-            if not told:
-                print(f"waiting for the other ranks' shards in {staging.path}", file=sys.stderr)
-                told = True
-            time.sleep(poll_s)
-    if (final / "manifest.json").is_file():
-        return load_artifact(final)
-    missing = [n for n in [*shard_names, *extra] if not staging.has(n)]
-    if missing:
-        print(f"{len(missing)} file(s) still missing (e.g. {missing[0]}): other workers make them", file=sys.stderr)
-        return None
-    stats, facts = summarise()
-    return staging.commit(stats=stats, facts=facts, env={"num_workers": rt.num_workers})
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Prompts
 
@@ -190,13 +168,13 @@ def item_seed(base_seed: int, item_id: int) -> int:
 
 def read_prompt_items(artifact: Artifact, limit: int | None, base_seed: int | None) -> tuple[list[dict], str]:
     """[{"id", "prompt", "seed"}] sorted by id (first `limit`), and the rule the seeds came from."""
-    import pyarrow.parquet as pq
+    from tmdcli.stages.make_prompts import read_prompts_table
 
     path = artifact.file(PROMPTS_FILE)
     if not path.is_file():
         raise ArtifactError(f"prompts artifact {artifact.id} has no {PROMPTS_FILE}",
                             hint=f"check it with `tmd verify {artifact.id}`, or remake it with `tmd make-prompts`")
-    table = pq.read_table(path)
+    table = read_prompts_table(path, artifact.id)
     missing = {"id", "prompt"} - set(table.column_names)
     if missing:
         raise ArtifactError(f"{path} lacks column(s) {', '.join(sorted(missing))}",
@@ -253,24 +231,30 @@ def plan(cfg: SynthVideosConfig, store: Store) -> Plan:
     """Resolve prompts, teacher, size and sampler settings; count shards. Writes nothing, runs no model."""
     from tmdcli.registry import teacher_defaults
 
+    from tmdcli.runtime.speed import check_exact, from_config
+
+    check_exact(from_config(cfg), STAGE)
     entry = teacher_entry(cfg.teacher)
     folder = teacher_folder(entry)
     prompts = resolve_input(store, cfg.prompts, "prompts", "--prompts")
     if is_planned(prompts):
         total = cfg.limit or 0  # unknown until make-prompts has run
     else:
-        import pyarrow.parquet as pq
+        from tmdcli.stages.make_prompts import count_prompts
 
         path = prompts.file(PROMPTS_FILE)
         if not path.is_file():
             raise ArtifactError(f"prompts artifact {prompts.id} has no {PROMPTS_FILE}",
                                 hint=f"check it with `tmd verify {prompts.id}`")
-        total = pq.read_metadata(path).num_rows
+        total = count_prompts(path, prompts.id)
         if total == 0:
             raise ArtifactError(f"prompts artifact {prompts.id} holds no prompt",
                                 hint="remake it with `tmd make-prompts`")
     defaults = teacher_defaults(entry)
     r = resolve_config(cfg, defaults, total + 1 if is_planned(prompts) else total)
+    from tmdcli.stages.kd_pairs import resolve_kd_options
+
+    r, kd_notes = resolve_kd_options(r, folder)
     latent = check_video_size(r.num_frames, r.height, r.width, size_rules(folder), f"teacher {entry.name}")
     count = total if r.limit is None else r.limit
     shards = num_shards(count, r.shard_size)
@@ -284,11 +268,15 @@ def plan(cfg: SynthVideosConfig, store: Store) -> Plan:
          if is_planned(prompts) else f"{count} of {total}" + (f" (first {r.limit} by id)" if r.limit is not None
                                                                else "")),
         ("video", f"{r.num_frames}x{r.height}x{r.width} -> latent {'x'.join(map(str, latent))}"),
-        ("sampler", f"{r.sampler} {r.num_steps} steps, cfg {r.guidance_scale:g}, shift {r.flow_shift:g}"),
+        ("sampler", f"{r.sampler} {r.num_steps} steps, cfg {r.guidance_scale:g}, shift {r.flow_shift:g}"
+         + (f", skip-layer guidance (block {r.skip_layer} left out of the unconditional pass)"
+            if r.skip_layer is not None else "")),
+        *kd_notes,
         ("shards", f"{shards} of up to {r.shard_size} clips" + (f", {done} done (resume)" if done else "")),
         ("compute", f"{nfe} transformer NFE x {count} clips = {nfe * count} forward passes, {count} VAE decodes"
          if count else f"{nfe} transformer NFE and one VAE decode per clip (count known once the prompts exist)"),
         ("saves", ", ".join(["mp4"] + ["latents"] * r.save_latents + ["noise"] * r.save_noise)),
+        ffmpeg_plan_row(required=not (store.plan_missing_inputs or p.complete)),  # before any sampling
     ]
     p.facts.update(num_items=count, num_shards=shards, latent_shape=latent, nfe_per_clip=nfe)
     return p
@@ -303,9 +291,6 @@ def run(cfg: SynthVideosConfig, plan: Plan, staging: Staging, rt: Runtime) -> Ar
     items, seed_rule = read_prompt_items(prompts, cfg.limit, cfg.seed)
     names = [videos_shard_name(k) for k in range(num_shards(len(items), cfg.shard_size))]
     mine = my_shards(len(names), rt.worker, rt.num_workers)
-    todo = [k for k in mine if not staging.has(names[k])]
-    if todo:
-        _make_shards(cfg, items, todo, names, mine, staging, rt)
 
     def summarise() -> tuple[dict, dict]:
         indexes = [read_videos_index(staging.path / name) for name in names]
@@ -323,11 +308,15 @@ def run(cfg: SynthVideosConfig, plan: Plan, staging: Staging, rt: Runtime) -> Ar
             "nfe_per_clip": plan.facts["nfe_per_clip"], "dtype": first["dtype"],
             "vae_digest": digests.pop() if len(digests) == 1 else None,  # None: mixed VAEs, never reuse latents
             "has_latents": cfg.save_latents, "has_noise": cfg.save_noise, "num_shards": len(names),
+            "kd_pairs": cfg.kd_pairs, "skip_layer": cfg.skip_layer,
             "shard_size": cfg.shard_size, "seed_rule": seed_rule, "prompts": prompts.id,
         }
         return {"num_items": num_items, "num_failed": num_failed, "num_shards": len(names)}, facts
 
-    return finish_when_complete(staging, names, rt, summarise)
+    def make(todo: list[int]) -> None:
+        _make_shards(cfg, items, todo, names, mine, staging, rt)
+
+    return finish_when_complete(staging, names, rt, summarise, make=make, mine=mine)
 
 
 def _make_shards(cfg: SynthVideosConfig, items: list[dict], todo: list[int], names: list[str], mine: list[int],
@@ -346,7 +335,13 @@ def _make_shards(cfg: SynthVideosConfig, items: list[dict], todo: list[int], nam
     def shard_items(k: int) -> list[dict]:
         return items[k * cfg.shard_size:(k + 1) * cfg.shard_size]
 
+    from tmdcli.runtime import speed
+
+    opts = speed.from_config(cfg)
+    speed.check_runtime(opts, device_for(rt.device, rt.dist))  # before any weights are loaded
     teacher = load_teacher(cfg.teacher, device=device_for(rt.device, rt.dist), dtype=cfg.dtype)
+    speed.apply_to_transformer(teacher.transformer, opts)
+    decode = speed.make_decoder(teacher.vae, opts, teacher.device)
     try:
         shape = teacher.latent_shape(cfg.num_frames, cfg.height, cfg.width)
     except ValueError as exc:
@@ -359,36 +354,44 @@ def _make_shards(cfg: SynthVideosConfig, items: list[dict], todo: list[int], nam
     total = sum(len(shard_items(k)) for k in mine)
     progress = Progress(total, f"synth-videos worker {rt.worker}/{rt.num_workers}", unit="clips", per_hour=True,
                         done=total - sum(len(shard_items(k)) for k in todo))
+
+    def make_shard(k: int, scratch: str) -> None:
+        index_items, failed, mp4s, tensors = [], [], {}, {}
+        for batch in chunks(shard_items(k), cfg.batch_size):
+            text = teacher.encode_prompts([it["prompt"] for it in batch])
+            neg = negative.expand(len(batch), -1, -1)
+            noise = randn_per_sample(shape, generators_for([it["seed"] for it in batch]), device=teacher.device)
+            latents = sample_teacher(
+                lambda x, t: teacher.velocity(x, t, text, text_neg=neg, guidance_scale=cfg.guidance_scale,
+                                              skip_block=cfg.skip_layer),
+                noise, num_steps=cfg.num_steps, flow_shift=cfg.flow_shift, sampler=cfg.sampler)
+            for j, item in enumerate(batch):
+                if not torch.isfinite(latents[j]).all():
+                    failed.append({"id": item["id"], "reason": "non-finite latent"})
+                    continue
+                video = decode(latents[j:j + 1])[0]  # one clip at a time: bounded memory
+                mp4 = Path(scratch) / f"{item['id']}.mp4"
+                write_mp4(frames_to_uint8(video, layout="CFHW"), mp4, fps=teacher.defaults.fps)
+                mp4s[item["id"]] = mp4.read_bytes()
+                mp4.unlink()
+                index_items.append({"id": item["id"], "prompt": item["prompt"], "seed": item["seed"],
+                                    "file": f"{item['id']}.mp4"})
+                if cfg.save_latents:
+                    tensors[f"latent.{item['id']}"] = latents[j].float().cpu().clone()
+                if cfg.save_noise:
+                    tensors[f"noise.{item['id']}"] = noise[j].float().cpu().clone()
+            progress.update(len(batch))
+        with staging.atomic_path(names[k]) as tmp:
+            write_videos_shard(tmp, index={"shard": k, **shared, "items": index_items, "failed": failed},
+                               mp4s=mp4s, tensors=tensors or None)
+
     try:
         with tempfile.TemporaryDirectory(prefix="tmd-synth-") as scratch:
             for k in todo:
-                index_items, failed, mp4s, tensors = [], [], {}, {}
-                for batch in chunks(shard_items(k), cfg.batch_size):
-                    text = teacher.encode_prompts([it["prompt"] for it in batch])
-                    neg = negative.expand(len(batch), -1, -1)
-                    noise = randn_per_sample(shape, generators_for([it["seed"] for it in batch]),
-                                             device=teacher.device)
-                    latents = sample_teacher(
-                        lambda x, t: teacher.velocity(x, t, text, text_neg=neg, guidance_scale=cfg.guidance_scale),
-                        noise, num_steps=cfg.num_steps, flow_shift=cfg.flow_shift, sampler=cfg.sampler)
-                    for j, item in enumerate(batch):
-                        if not torch.isfinite(latents[j]).all():
-                            failed.append({"id": item["id"], "reason": "non-finite latent"})
-                            continue
-                        video = teacher.decode_latents(latents[j:j + 1])[0]  # one clip at a time: bounded memory
-                        mp4 = Path(scratch) / f"{item['id']}.mp4"
-                        write_mp4(frames_to_uint8(video, layout="CFHW"), mp4, fps=teacher.defaults.fps)
-                        mp4s[item["id"]] = mp4.read_bytes()
-                        mp4.unlink()
-                        index_items.append({"id": item["id"], "prompt": item["prompt"], "seed": item["seed"],
-                                            "file": f"{item['id']}.mp4"})
-                        if cfg.save_latents:
-                            tensors[f"latent.{item['id']}"] = latents[j].float().cpu().clone()
-                        if cfg.save_noise:
-                            tensors[f"noise.{item['id']}"] = noise[j].float().cpu().clone()
-                    progress.update(len(batch))
-                with staging.atomic_path(names[k]) as tmp:
-                    write_videos_shard(tmp, index={"shard": k, **shared, "items": index_items, "failed": failed},
-                                       mp4s=mp4s, tensors=tensors or None)
+                with making(staging, names[k]) as ours:  # one process per shard, even for a twice-started command
+                    if ours:
+                        make_shard(k, scratch)
+                    else:
+                        progress.update(len(shard_items(k)))  # done meanwhile, or another process makes it
     finally:
         progress.close()

@@ -87,6 +87,18 @@ class TrainingInputs:
     def num_blocks(self) -> int:
         return int(self.config["num_layers"])
 
+    @property
+    def family(self):
+        """Table-7 defaults recognised from the transformer config, never from the teacher's name."""
+        from tmdcli.models.family import family_defaults
+
+        return family_defaults(self.config)
+
+    def family_rows(self) -> list[tuple[str, str]]:
+        """The plan's "defaults" row, plus a note when the shape is not one of the paper's."""
+        family = self.family
+        return [("defaults", family.describe())] + ([("note", family.note)] if family.note else [])
+
 
 def resolve_training_inputs(store: Store, latents_ref: str, teacher: str) -> TrainingInputs:
     """The latents artifact and the teacher, checked against each other (exit 2 with what does not fit)."""
@@ -155,11 +167,10 @@ def check_head_blocks(num_head_blocks: int, num_blocks: int, teacher: str, notes
                      hint=f"the paper uses H = 5 of 30 (1.3B) and 5 of 40 (14B); try --h {min(5, num_blocks - 1)}")
 
 
-def default_lr(entry, stage: str) -> float:
-    """TMD Table 7: Stage 1 3e-5 (1.3B) / 1e-5 (14B); Stage 2 1e-5 for both (other teachers: the 1.3B values)."""
-    if stage == "distill":
-        return 1e-5
-    return 1e-5 if entry.loss_norm_c_per_element < 1.0 else 3e-5
+def default_lr(family, stage: str) -> float:
+    """TMD Table 7 for the teacher's family (`models.family.FamilyDefaults`, recognised from the transformer
+    config): Stage 1 3e-5 (1.3B) / 1e-5 (14B); Stage 2 1e-5 for both (other shapes: the 1.3B values)."""
+    return family.stage2_lr if stage == "distill" else family.stage1_lr
 
 
 # --- run time ------------------------------------------------------------------------------------------------
@@ -171,6 +182,7 @@ class RunSetup:
     rank: int
     world_size: int
     is_main: bool
+    sharded: bool = False  # FSDP2 asked for by the launch (runtime/fsdp.py shards the networks itself)
 
 
 def run_setup(rt: Runtime) -> RunSetup:
@@ -185,8 +197,35 @@ def run_setup(rt: Runtime) -> RunSetup:
         device = torch.device(rt.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {rt.device} but CUDA is not available", hint="use --device cpu")
+    from tmdcli.runtime.fsdp import fsdp2_requested
+
     return RunSetup(accelerator=accelerator, device=device, rank=accelerator.process_index,
-                    world_size=accelerator.num_processes, is_main=accelerator.is_main_process)
+                    world_size=accelerator.num_processes, is_main=accelerator.is_main_process,
+                    sharded=fsdp2_requested() and accelerator.num_processes > 1)
+
+
+def wrap_trained(setup: RunSetup, module, lr: float):
+    """A trained loss module and its AdamW, ready for the loop: sharded per unit under FSDP2 (runtime/fsdp.py; the
+    optimizer is made after fully_shard, which replaces the parameters), else prepared by accelerate (DDP or one
+    process). Set `requires_grad` before: it is final here."""
+    from tmdcli.runtime.train_loop import make_adamw
+
+    if setup.sharded:
+        from tmdcli.runtime.fsdp import shard
+
+        shard(module, setup.device)
+        return module, make_adamw(module.parameters(), lr)
+    return setup.accelerator.prepare(module, make_adamw(module.parameters(), lr))
+
+
+def wrap_frozen(setup: RunSetup, module):
+    """A frozen network (Stage 2's teacher): sharded per unit under FSDP2 so each GPU holds 1/world of it, else
+    as is (replicated). Its forward is unchanged: each unit all-gathers its full weights before it runs."""
+    if setup.sharded:
+        from tmdcli.runtime.fsdp import shard
+
+        shard(module, setup.device)
+    return module
 
 
 def make_validator(student, vae, loader, staging: Staging, *, num_prompts: int, fps: int, latent_shape,
@@ -240,6 +279,10 @@ def finish_student(staging: Staging, student, objective, result, rt: Runtime, *,
                          f"command without --stop-after to continue")
         return None
     state = {k.removeprefix("student."): v for k, v in model_state(objective).items()}  # collective under FSDP
+    from tmdcli.models.lora import has_lora, merge_lora_state
+
+    if has_lora(state):  # LoRA mode: a plain student, W + B A (alpha = r), that loads without PEFT
+        state = merge_lora_state(state)
     if not is_main:
         return None
     export = staging.path / STUDENT_EXPORT_DIR
