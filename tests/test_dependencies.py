@@ -8,6 +8,7 @@ except the runtime-only ones listed below with the reason.
 """
 
 import ast
+import functools
 import importlib.metadata
 import re
 import sys
@@ -83,6 +84,7 @@ def _guard_calls(scope) -> list[tuple[int, str | None, str | None]]:
     return calls
 
 
+@functools.lru_cache(maxsize=None)  # each module is parsed once per session (results are read-only)
 def scan_source(source: str, filename: str = "<src>"):
     """(imports, guards): imports as (line, module, function node or None); guards as (line, module, extra)."""
     tree = ast.parse(source, filename=filename)
@@ -131,14 +133,20 @@ def problems_in(source: str, filename: str, core: set[str], extras: dict[str, se
     return problems, used
 
 
+@functools.lru_cache(maxsize=None)
+def package_sources() -> tuple[tuple[str, str], ...]:
+    """(path relative to the repository, source) of every module under tmdcli/, read once per test session."""
+    return tuple((p.relative_to(ROOT).as_posix(), p.read_text()) for p in sorted(PACKAGE.rglob("*.py")))
+
+
+@functools.lru_cache(maxsize=None)
 def scan_package():
     core, extras = load_pyproject()
     problems, used = [], set()
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(ROOT).as_posix()
+    for rel, source in package_sources():
         if rel in OTHER_INTERPRETER:
             continue
-        found, imported = problems_in(path.read_text(), rel, core, extras)
+        found, imported = problems_in(source, rel, core, extras)
         problems += found
         used |= imported
     return core, extras, problems, used
@@ -159,7 +167,7 @@ def test_every_core_dependency_is_imported_or_listed_as_runtime_only():
 def test_import_names_map_to_the_installed_distributions():
     """The mapping the scan uses agrees with the installed packages' metadata, for every module it sees."""
     installed = importlib.metadata.packages_distributions()
-    modules = {m.split(".")[0] for p in PACKAGE.rglob("*.py") for _, m, _ in scan_source(p.read_text())[0]
+    modules = {m.split(".")[0] for rel, source in package_sources() for _, m, _ in scan_source(source, rel)[0]
                if is_third_party(m)} | set(IMPORT_TO_DIST)
     wrong = {m: (dist_of(m), installed[m]) for m in sorted(modules)
              if m in installed and dist_of(m) not in {normalise(d) for d in installed[m]}}
@@ -168,8 +176,7 @@ def test_import_names_map_to_the_installed_distributions():
 
 def test_the_scan_sees_lazy_and_guarded_imports():
     """Guard against a scanner that silently finds nothing."""
-    seen = {(p.relative_to(ROOT).as_posix(), m) for p in PACKAGE.rglob("*.py") for _, m, _ in
-            scan_source(p.read_text())[0]}
+    seen = {(rel, m) for rel, source in package_sources() for _, m, _ in scan_source(source, rel)[0]}
     assert ("tmdcli/data/prompt_sources.py", "pyarrow.parquet") in seen  # function-level
     assert ("tmdcli/data/expanders.py", "vllm") in seen  # guarded by require("vllm", ...)
     _, _, _, used = scan_package()

@@ -47,9 +47,11 @@ def _perturbed_student(transformer, u_param: str, *, m: int = 2, n: int = 2, h: 
 
 
 def _data(seed: int = 0):
+    """Latents, prompt and negative-prompt embeddings. The embeddings are scaled up so that the tiny network's
+    cross-attention makes the prompt matter: the negative-vs-prompt regressions must move the loss."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, *LATENT, generator=g), torch.randn(B, 8, 32, generator=g),
-            torch.randn(1, 8, 32, generator=g))
+    return (torch.randn(B, *LATENT, generator=g), 5 * torch.randn(B, 8, 32, generator=g),
+            5 * torch.randn(1, 8, 32, generator=g))
 
 
 # --- Stage 1 ---------------------------------------------------------------------------------------------------------

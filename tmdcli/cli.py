@@ -544,7 +544,10 @@ def sample(
     stage.render_plan(plan, console)
     if dry_run:
         return
-    result = stage.run(plan, console)
+    from tmdcli.runtime import interrupts
+
+    with interrupts.guard():  # a Ctrl-C lost inside the mp4 writer still ends in exit 130
+        result = stage.run(plan, console)
     if json_out:
         print(json.dumps(result.to_dict()))
     else:

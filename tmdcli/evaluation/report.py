@@ -89,11 +89,12 @@ def _row_label(results: dict, j: int) -> str:
     return label + (" [mode collapse?]" if m.get("mode_collapse") else "")
 
 
-def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+def table_rows(results: dict, *, with_intervals: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and rows: model, kind, effective NFE, metrics, seconds per video split as text / DiT / VAE.
 
     The toy suite has a `split` column and one row per model and caption split (train: combinations seen in
-    training, heldout: held out of it).
+    training, heldout: held out of it). `with_intervals` (report.md) adds each figure's 95% interval where
+    results.json has one, `0.41 [0.3, 0.52]`, bold when it separates from the reference's (toy_cell).
     """
     columns = metric_columns(results)
     toy = results["suite"] == "toy"
@@ -108,16 +109,51 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         label, split = _row_label(results, j), _time_split(m)
         if toy:
             for name in [s for s in SPLITS if s in m.get("splits", {})]:
+                cell = ((lambda k: toy_cell(results, j, name, k)) if with_intervals  # noqa: E731
+                        else (lambda k: fmt_metric(m["splits"][name].get(k))))
                 rows.append([label, name, m["kind"], fmt(m["effective_nfe"], 3)]
-                            + [fmt_metric(m["splits"][name].get(k)) for k, _ in columns] + [split])
+                            + [cell(k) for k, _ in columns] + [split])
             continue
         rows.append([label, m["kind"], fmt(m["effective_nfe"], 3)]
                     + [fmt_metric(model_value(m, k, results["suite"])) for k, _ in columns] + [split])
     return header, rows
 
 
+def toy_cell(results: dict, j: int, split: str, key: str) -> str:
+    """A toy figure with its 95% interval; bold when model j's interval separates from the reference's on the
+    same split, the only case in which report.md calls it better or worse than the reference."""
+    from tmdcli.evaluation.bootstrap import CI_SUFFIX, intervals_separate
+
+    figures = results["models"][j]["splits"][split]
+    value, ci = figures.get(key), figures.get(key + CI_SUFFIX)
+    text = fmt(value)
+    ref_ci = results["models"][0]["splits"].get(split, {}).get(key + CI_SUFFIX)
+    if value is not None and j > 0 and intervals_separate(ci, ref_ci):
+        text = f"**{text}**"
+    return text if value is None or ci is None else f"{text} [{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]"
+
+
+def called_orderings(results: dict) -> list[str]:
+    """'split, figure: A better than B' for every pair of distinct models whose 95% intervals separate."""
+    from tmdcli.evaluation.bootstrap import CI_SUFFIX, intervals_separate
+
+    models, lines = results["models"], []
+    for split in SPLITS:
+        for key, (name, better, _) in TOY_METRICS.items():
+            for a in range(len(models)):
+                for b in range(a + 1, len(models)):
+                    fa, fb = (models[i].get("splits", {}).get(split, {}) for i in (a, b))
+                    if models[a]["sample_dir"] == models[b]["sample_dir"] or not intervals_separate(
+                            fa.get(key + CI_SUFFIX), fb.get(key + CI_SUFFIX)):
+                        continue
+                    a_wins = (fa[key] > fb[key]) == (better == "higher")
+                    win, lose = (models[a], models[b]) if a_wins else (models[b], models[a])
+                    lines.append(f"- {split}, {name}: {win['label']} better than {lose['label']}")
+    return lines
+
+
 def markdown_table(results: dict) -> str:
-    header, rows = table_rows(results)
+    header, rows = table_rows(results, with_intervals=True)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -163,6 +199,7 @@ def report_markdown(results: dict, *, plotted: bool = True, screenshot_skipped: 
                     if k not in shown]
             out += ["", "Rows are per caption split; results.json also holds every metric over both splits "
                         "(`metrics`), per-caption adherence and what the analyzer read in each clip."]
+            out += _interval_section(results)
         flagged = [m["label"] for m in results["models"] if m.get("mode_collapse")]
         if flagged:
             out += ["", f"Mode collapse flag (diversity ratio below {s['collapse_ratio']}): {', '.join(flagged)}."]
@@ -179,6 +216,19 @@ def report_markdown(results: dict, *, plotted: bool = True, screenshot_skipped: 
     else:
         out += [f"![gallery.html as headless Chromium renders it]({SCREENSHOT_FILE})", ""]
     return "\n".join(out)
+
+
+def _interval_section(results: dict) -> list[str]:
+    """How the toy table's intervals are made, and the orderings they allow calling."""
+    from tmdcli.evaluation.bootstrap import LEVEL, NUM_RESAMPLES
+
+    calls = called_orderings(results)
+    return ["", "## Intervals and orderings", "",
+            f"Brackets: {LEVEL:.0%} interval by bootstrap over captions ({NUM_RESAMPLES} resamples with a fixed "
+            "seed; all seeds of a caption drawn together; a Frechet distance resamples both models jointly, with "
+            "Efron's bias correction). A bold figure's interval separates from the reference's on the same split. "
+            "An ordering is called only when two models' intervals separate:", "",
+            *(calls or ["- none: every pair of intervals overlaps"])]
 
 
 def _vbench_section(results: dict) -> list[str]:

@@ -187,6 +187,32 @@ def group_metrics(clips: Sequence[ToyClip], specs: Sequence, groups: Sequence[Se
                                          np.stack([getattr(c, attr) for c in reference])) if enough else None)
         ok = out["seed_diversity"] is not None and reference_diversity not in (None, 0.0)
         out["diversity_ratio"] = out["seed_diversity"] / reference_diversity if ok else None
+    return out | intervals(clips, specs, groups, reference, out)
+
+
+SHARE_KEYS = {"adherence": "all", "adherence_colour": "colour", "adherence_shape": "shape",
+              "adherence_motion": "motion", "adherence_background": "background", "clean_object": "clean"}
+FRECHET_FEATURES = {"frechet_analyzer_features": "analyzer_features", "frechet_pixel_features": "pixel_features"}
+
+
+def intervals(clips: Sequence[ToyClip], specs: Sequence, groups: Sequence[Sequence[int]],
+              reference: Sequence[ToyClip] | None, values: dict) -> dict:
+    """{"<metric>_ci95": [low, high]} for each share (adherence overall and per attribute, clean) and, against a
+    reference, each Frechet distance: 95% bootstrap intervals over captions (evaluation/bootstrap.py), so that
+    an ordering of two models is called only when their intervals separate (issue 16)."""
+    from tmdcli.evaluation.bootstrap import CI_SUFFIX, caption_draws, frechet_interval, share_intervals
+    from tmdcli.toy.analyzer import adherence
+
+    draws = caption_draws(len(groups))
+    per_clip = [adherence([c.analysis], [s]) for c, s in zip(clips, specs)]
+    indicators = np.array([[row[name] for name in SHARE_KEYS.values()] for row in per_clip])
+    out = {key + CI_SUFFIX: list(ci) for key, ci in zip(SHARE_KEYS, share_intervals(indicators, groups, draws))}
+    for key, attr in FRECHET_FEATURES.items():
+        if reference is None or values.get(key) is None:
+            continue
+        mine = np.stack([getattr(c, attr) for c in clips])
+        theirs = np.stack([getattr(c, attr) for c in reference])
+        out[key + CI_SUFFIX] = list(frechet_interval(mine, theirs, groups, draws, values[key]))
     return out
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as Fn
 
-from tmdcli.toy import bundle, grammar, render
+from tmdcli.toy import bundle, grammar, render, warm_start
 
 VAE_BUDGET_SHARE = 0.45  # the VAE bounds everything downstream (teacher samples decode through it)
 TWO_OBJECT_PROB_VAE = 0.25
@@ -86,6 +86,7 @@ class TrainConfig:
     log_every: int = 200
     cache_pool: bool = True
     vae_share: float = VAE_BUDGET_SHARE
+    warm_start: str | None = None  # "bundle" or a bundle folder: start from its weights (toy/warm_start.py)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,8 +308,12 @@ def vae_loss(vae, x: torch.Tensor, cover: torch.Tensor, g: torch.Generator, cfg:
     return rec + cfg.vae_kl_weight * kl, se.mean()
 
 
-def train_vae(cfg: TrainConfig, vae, device: torch.device, budget_s: float | None) -> dict[str, Any]:
-    """Phase 1. bf16 autocast on CUDA; a non-finite loss restores the last checkpoint and continues in float32."""
+def train_vae(cfg: TrainConfig, vae, device: torch.device, budget_s: float | None, *,
+              warm: bool = False) -> dict[str, Any]:
+    """Phase 1. bf16 autocast on CUDA; a non-finite loss restores the last checkpoint and continues in float32.
+
+    `warm`: the VAE holds trained weights (--warm-start), so its posterior is not re-initialised.
+    """
     ckpt = Path(cfg.ckpt_dir) / "vae"
     g = torch.Generator(device).manual_seed(cfg.seed * 7919 + 11)
     vae.train().requires_grad_(True)
@@ -317,7 +322,7 @@ def train_vae(cfg: TrainConfig, vae, device: torch.device, budget_s: float | Non
     if _existing_dir(ckpt) is not None:
         step, elapsed_before = _restore(ckpt, vae, opt, g, device)
         log(f"[vae] resuming at step {step}")
-    else:
+    elif not warm:
         init_posterior(vae, cfg.vae_init_logvar)
     combos = _combo_table(grammar.ALL_COMBOS, device)
     t0 = last_ckpt = time.time()
@@ -374,7 +379,8 @@ def train_vae(cfg: TrainConfig, vae, device: torch.device, budget_s: float | Non
             last_ckpt = time.time()
     save()
     vae.eval().requires_grad_(False)
-    return dict(steps=step, steps_this_run=step - start_step, wall_s=time.time() - t0, bf16=use_bf16, **last)
+    return dict(steps=step, steps_this_run=step - start_step, wall_s=time.time() - t0, bf16=use_bf16,
+                elapsed_total_s=elapsed_before + time.time() - t0, **last)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -784,7 +790,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, torch.device]
         values[key] = default if given is None else given
     for key in ("seed", "time_budget_s", "eval_prompts", "vae_lr", "eval_steps", "caption_variants",
                 "stats_clips", "log_every", "ckpt_every_s", "guidance_scale", "flow_shift", "vae_share",
-                "vae_image_frac"):
+                "vae_image_frac", "warm_start"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     return TrainConfig(**values), torch.device(dev)
@@ -826,7 +832,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPU threads for torch (default: torch's choice; 1 can be much faster on a busy 2-core box)")
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--ckpt-every-s", type=float, default=None)
-    return p.parse_args(argv)
+    p.add_argument("--warm-start", default=None, metavar="bundle|DIR",
+                   help="start from a finished bundle's weights (`bundle`: the committed tmdcli/toy/weights; or a "
+                        "previous run's OUT/bundle): the VAE trains until its bar holds, then the teacher; "
+                        "metrics.json's training.totals adds up the runs")
+    args = p.parse_args(argv)
+    if args.warm_start is not None:
+        from tmdcli.toy.warm_start import resolve_source
+
+        try:
+            resolve_source(args.warm_start)
+        except ValueError as exc:
+            p.error(str(exc))  # exit 2 with the usage line
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -868,16 +886,33 @@ def _run(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = True
     (ckpt / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     t_start = time.time()
-    comps = bundle.build_components(seed=cfg.seed)
-    comps["vae"].to(device)
-    comps["text_encoder"].to(device)
-    bundle.to_device_dtype(comps["transformer"], device)
+    source = warm_start.resolve_source(cfg.warm_start) if cfg.warm_start else None
+    source_metrics = json.loads((source / "metrics.json").read_text()) if source else None
+    if source is not None:  # the source's text encoder too: its teacher was trained on those embeddings
+        comps = warm_start.load_components(source, device)
+        log(f"[train] warm start from {source}")
+    else:
+        comps = bundle.build_components(seed=cfg.seed)
+        comps["vae"].to(device)
+        comps["text_encoder"].to(device)
+        bundle.to_device_dtype(comps["transformer"], device)
+    # issue 16's order: a warm VAE below its bar trains (whole budget) and the teacher waits; above it, it is frozen
+    freeze_vae = source is not None and warm_start.vae_bar_holds(source_metrics)
+    train_teacher_now = source is None or freeze_vae
     timings: dict[str, float] = {}
     train_budget = cfg.time_budget_s
 
     # 1. VAE
     done_marker = ckpt / "vae" / "done.json"
-    if done_marker.is_file():
+    if freeze_vae:
+        comps["vae"].eval().requires_grad_(False)
+        stats_path = ckpt / "vae_stats.json"  # keep the frozen VAE's latent statistics, which its teacher learnt
+        if not stats_path.is_file():
+            stats_path.write_text(json.dumps(warm_start.latent_stats(comps["vae"]), indent=2))
+        vae_summary = dict(steps=0, steps_this_run=0, wall_s=0.0, frozen=True,
+                           reason=f"warm start: the source's VAE meets its bar ({warm_start.VAE_BAR} per attribute)")
+        log("[vae] frozen (warm start, bar holds)")
+    elif done_marker.is_file():
         from safetensors.torch import load_file
 
         comps["vae"].load_state_dict(load_file(str(ckpt / "vae" / "model.safetensors"), device=str(device)))
@@ -885,15 +920,26 @@ def _run(args: argparse.Namespace) -> int:
         vae_summary = dict(json.loads(done_marker.read_text()), skipped=True)
         log("[vae] done earlier; loaded")
     else:
-        vae_budget = None if train_budget is None else cfg.vae_share * train_budget
-        vae_summary = train_vae(cfg, comps["vae"], device, vae_budget)
+        share = cfg.vae_share if train_teacher_now else 1.0
+        vae_budget = None if train_budget is None else share * train_budget
+        vae_summary = train_vae(cfg, comps["vae"], device, vae_budget, warm=source is not None)
         done_marker.write_text(json.dumps(vae_summary, indent=2))
     timings["vae_s"] = time.time() - t_start
 
     # 2. pool and 3. teacher; a teacher that finished (its steps, or its time budget) is only loaded
     teacher_done = ckpt / "teacher" / "done.json"
     finished = json.loads(teacher_done.read_text()) if teacher_done.is_file() else None
-    if finished is not None and (finished.get("budget_stop") or finished["steps"] >= cfg.teacher_steps):
+    if not train_teacher_now:  # carried over; the latent statistics are re-measured for the retrained VAE
+        from diffusers import WanPipeline
+
+        text_pipe = WanPipeline(tokenizer=comps["tokenizer"], text_encoder=comps["text_encoder"], vae=comps["vae"],
+                                scheduler=comps["scheduler"], transformer=None)
+        timings["pool_s"] = build_pool(cfg, comps, text_pipe, device)["wall_s"]
+        ema_sd = {k: v.detach().clone() for k, v in comps["transformer"].state_dict().items()}
+        teacher_summary = dict(steps=0, steps_this_run=0, wall_s=0.0, carried_over=True,
+                               reason=f"warm start: the VAE is below its bar ({warm_start.VAE_BAR}); it trains first")
+        log("[teacher] carried over from the warm start (the VAE trains first)")
+    elif finished is not None and (finished.get("budget_stop") or finished["steps"] >= cfg.teacher_steps):
         from safetensors.torch import load_file
 
         apply_latent_stats(comps["vae"], json.loads((ckpt / "vae_stats.json").read_text()))
@@ -932,6 +978,12 @@ def _run(args: argparse.Namespace) -> int:
     n_params = {k: sum(p.numel() for p in comps[k].parameters()) for k in ("transformer", "vae", "text_encoder")}
     metrics = dict(eval_metrics, device=_device_name(device), torch=torch.__version__, timings=timings,
                    params=n_params, training=dict(vae=vae_summary, teacher=teacher_summary,
+                                                  totals=warm_start.add_totals(
+                                                      warm_start.previous_totals(source_metrics)
+                                                      if source_metrics else None,
+                                                      dict(vae=vae_summary, teacher=teacher_summary)),
+                                                  warm_start=None if source is None else dict(
+                                                      source=str(source), vae_bar_held=freeze_vae),
                                                   latents_mean=list(comps["vae"].config.latents_mean),
                                                   latents_std=list(comps["vae"].config.latents_std)),
                    config=asdict(cfg))
