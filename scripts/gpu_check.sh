@@ -46,9 +46,14 @@ echo "bench rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
 }
 [ -n "${SKIP_TOY:-}" ] || {
 start=$(date +%s)
+# issue 16: TOY_WARM=bundle continues from the committed bundle (VAE until its bar holds, then the teacher)
 timeout "${TRAIN_TIMEOUT:-430}" python3 -m tmdcli.toy.train --out /tmp/toyrun --device cuda \
-  --time-budget-s "${TRAIN_BUDGET:-300}" --vae-share "${VAE_SHARE:-0.3}" --eval-prompts 64 > "$OUT/train.log" 2>&1
+  --time-budget-s "${TRAIN_BUDGET:-300}" --vae-share "${VAE_SHARE:-0.3}" --eval-prompts 64 \
+  ${TOY_WARM:+--warm-start "$TOY_WARM"} > "$OUT/train.log" 2>&1
 echo "train rc=$? after $(( $(date +%s) - start )) s" >> "$OUT/gpu.txt"
+# issue 16's before/after: training steps/s per phase of this code (label it with TOY_SPEED_LABEL), one JSON line
+python3 -m tmdcli.toy.throughput /tmp/toyrun "${TOY_SPEED_LABEL:-$(git rev-parse --short HEAD 2>/dev/null)}" \
+  > "$OUT/toy_steps_per_s.json" 2>>"$OUT/gpu.txt" && cat "$OUT/toy_steps_per_s.json" >> "$OUT/gpu.txt"
 tar czf "$OUT/toy_run.tgz" -C /tmp/toyrun bundle summary.json 2>>"$OUT/gpu.txt"
 }
 cat "$OUT/gpu.txt"

@@ -15,7 +15,7 @@ else
 fi
 
 if [ "${1:-}" = "--dev" ]; then
-  $PIP -e ".[dev,plot]"
+  $PIP -e ".[dev,plot,lora]"  # lora: peft, so the LoRA tests run instead of skipping
 else
   $PIP -e "."
 fi

@@ -147,3 +147,18 @@ def test_report_prints_intervals_bolds_separation_and_calls_only_separated_order
 
 def test_constants_are_what_the_report_says():
     assert bootstrap.NUM_RESAMPLES == 1000 and bootstrap.LEVEL == 0.95 and bootstrap.CI_SUFFIX == "_ci95"
+
+
+def test_a_lower_frechet_interval_is_called_better_and_the_report_explains_the_intervals():
+    from tmdcli.evaluation.report import _interval_section, called_orderings
+
+    results = _results([0.8, 0.95], [0.7, 0.9], 0.8)  # adherence overlaps: no call
+    near, far = ({"frechet_analyzer_features": v, "frechet_analyzer_features_ci95": ci} for v, ci in
+                 ((1.0, [0.5, 1.5]), (4.0, [3.0, 5.0])))
+    results["models"].append(dict(results["models"][1], label="far", sample_dir="c",
+                                  splits={"train": far, "heldout": far}))
+    results["models"][1]["splits"] = {s: dict(results["models"][1]["splits"][s], **near) for s in ("train", "heldout")}
+    assert called_orderings(results) == ["- train, Frechet (analyzer): student better than far",
+                                         "- heldout, Frechet (analyzer): student better than far"]
+    text = "\n".join(_interval_section(results))
+    assert "95% interval by bootstrap over captions (1000 resamples" in text and "student better than far" in text

@@ -165,7 +165,9 @@ def test_teacher_recovers_from_a_non_finite_loss(tmp_path, monkeypatch):
         x_t, timestep, text, v = real(*args, **kwargs)
         return (x_t, timestep, text, v * float("nan")) if len(calls) == 2 else (x_t, timestep, text, v)
 
-    monkeypatch.setattr(train, "flow_matching_batch", poisoned)
+    from tmdcli.toy import train_teacher as teacher_phase  # the phase's own module looks the name up
+
+    monkeypatch.setattr(teacher_phase, "flow_matching_batch", poisoned)
     ema, summary = train.train_teacher(cfg, comps["transformer"], pool, torch.device("cpu"), None)
     # the poisoned step 2 is caught at its log, the step-0 checkpoint is restored and steps 1-4 are redone
     assert summary["steps"] == 4 and len(calls) == 6 and summary["bf16"] is False
