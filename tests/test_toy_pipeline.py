@@ -20,7 +20,8 @@ def test_toy_recipe_runs_all_seven_stages_and_reports(tmp_path):
     for k in range(1, 8):
         assert f"[toy] {k}/7" in result.stderr
     home = tmp_path / "home"
-    kinds = {p.name: len(list(p.glob("*/manifest.json"))) for p in home.iterdir() if p.is_dir()}
+    kinds = {p.name: len(list(p.glob("*/manifest.json"))) for p in home.iterdir()
+             if p.is_dir() and not p.name.startswith(".")}  # .cache: the input-hash cache
     assert kinds == {"prompts": 1, "videos": 1, "latents": 1, "student": 2, "eval": 1}, kinds
     assert (home / "toy-sample.mp4").stat().st_size > 0
     results = json.loads(next((home / "eval").glob("*/results.json")).read_text())
