@@ -80,11 +80,6 @@ def stage1_student_config(init: Artifact) -> dict:
                             hint=f"check it with `tmd verify {init.id}`") from exc
 
 
-def stage1_outer_gamma(init: Artifact) -> float:
-    """The outer-grid shift a Stage-1 student was trained with."""
-    return stage1_student_config(init)["outer_gamma"]
-
-
 def resolve_u_param(given: str | None, method: str, init) -> str | None:
     """The average-velocity parametrisation (D19). A TMD student keeps its Stage-1 student's: its head was
     pretrained to be read in that form, so a different --u-param is refused (exit 2). DMD2-v has no flow head."""
@@ -112,7 +107,7 @@ def resolve_outer_gamma(given: float | None, init) -> float:
     (no init) takes --outer-gamma, default DEFAULT_OUTER_GAMMA."""
     if init is None or is_planned(init):  # dmd2v, or a dry-run chain whose Stage-1 plan above sets the grid
         return DEFAULT_OUTER_GAMMA if given is None else float(given)
-    stored = stage1_outer_gamma(init)
+    stored = stage1_student_config(init)["outer_gamma"]
     if given is not None and float(given) != stored:
         raise UsageError(f"--outer-gamma {given:g} contradicts the Stage-1 student {init.id}, trained on the outer "
                          f"grid of gamma {stored:g}",
